@@ -1,0 +1,39 @@
+"""nginx's `proxy_pass` as an ASGI app: a streaming HTTP and WebSocket reverse proxy."""
+
+from ._errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientDisconnected,
+    ClientError,
+    ConfigError,
+    NotFound,
+    ProxyPassError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ._proxy import DEFAULT_LIMITS, DEFAULT_TIMEOUT, ProxyPass, lifespan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "BadRequest",
+    "BodyTooLarge",
+    "ClientDisconnected",
+    "ClientError",
+    "ConfigError",
+    "NotFound",
+    "ProxyPass",
+    "ProxyPassError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "__version__",
+    "lifespan",
+]

@@ -1,0 +1,154 @@
+"""Exceptions, and the one table that turns an upstream failure into a status code.
+
+    ProxyPassError
+    ├── ConfigError (also ValueError)   bad arguments, raised at construction
+    ├── ClientError                     the client's request cannot be forwarded
+    │   ├── BadRequest                  400: malformed target, path leaving the mount, framing
+    │   ├── NotFound                    404: outside a literal strip_prefix
+    │   ├── BodyTooLarge                413: over max_body_size
+    │   └── ClientDisconnected          the client went away (logged as nginx's 499)
+    └── UpstreamError                   the upstream failed: 502, 503 or 504
+        ├── UpstreamConnectError        502: refused, DNS, TLS
+        ├── UpstreamTimeout             504: connect, read or write timeout
+        ├── UpstreamUnavailable         503: no connection free in the pool in time
+        └── UpstreamProtocolError       502: invalid or truncated response
+
+Upstream failures never escape `ProxyPass.__call__`: before the response has started they become
+an error response with a short plain-text body and one log line; after, the client connection is
+aborted so that a truncated body is never presented as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Iterator
+
+import httpx2
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "ClientDisconnected",
+    "ClientError",
+    "ConfigError",
+    "NotFound",
+    "ProxyPassError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "map_upstream_errors",
+]
+
+
+class ProxyPassError(Exception):
+    """The root of every exception this package raises."""
+
+    status_code = 500
+    reason = "Internal Server Error"
+
+
+class ConfigError(ProxyPassError, ValueError):
+    """An invalid argument; the message starts with the argument's name."""
+
+
+class ClientError(ProxyPassError):
+    """The client's request cannot be forwarded."""
+
+    status_code = 400
+    reason = "Bad Request"
+
+
+class BadRequest(ClientError):
+    """A malformed request: bad escapes, a path that leaves the mount, broken framing."""
+
+
+class NotFound(ClientError):
+    """The path is outside the literal `strip_prefix` of a standalone `ProxyPass`."""
+
+    status_code = 404
+    reason = "Not Found"
+
+
+class BodyTooLarge(ClientError):
+    """The request body is larger than `max_body_size` (nginx `client_max_body_size`)."""
+
+    status_code = 413
+    reason = "Content Too Large"
+
+
+class ClientDisconnected(ClientError):
+    """The client closed its connection before the exchange finished (nginx logs 499)."""
+
+    status_code = 499
+    reason = "Client Closed Request"
+
+
+class UpstreamError(ProxyPassError):
+    """The upstream could not be reached or answered badly."""
+
+    status_code = 502
+    reason = "Bad Gateway"
+
+
+class UpstreamConnectError(UpstreamError):
+    """Connection refused, name resolution failure, TLS handshake or verification failure."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """A connect, read or write timeout."""
+
+    status_code = 504
+    reason = "Gateway Timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No upstream connection became free in time (the pool is at its limit)."""
+
+    status_code = 503
+    reason = "Service Unavailable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """An invalid, truncated or prematurely closed upstream response."""
+
+
+# Most specific first: httpx2.ConnectTimeout is a TimeoutException, PoolTimeout too.
+_TABLE: tuple[tuple[type[Exception], type[UpstreamError]], ...] = (
+    (httpx2.PoolTimeout, UpstreamUnavailable),
+    (httpx2.TimeoutException, UpstreamTimeout),
+    (httpx2.ConnectError, UpstreamConnectError),
+    (httpx2.UnsupportedProtocol, UpstreamConnectError),
+    (ssl.SSLError, UpstreamConnectError),
+    (httpx2.RemoteProtocolError, UpstreamProtocolError),
+    (httpx2.LocalProtocolError, UpstreamProtocolError),
+    (httpx2.ProtocolError, UpstreamProtocolError),
+    (httpx2.NetworkError, UpstreamProtocolError),
+    (httpx2.TransportError, UpstreamError),
+    (OSError, UpstreamConnectError),
+)
+
+
+@contextlib.contextmanager
+def map_upstream_errors() -> Iterator[None]:
+    """Re-raise transport exceptions as `UpstreamError` subclasses, `from` the original.
+
+    Our own exceptions (a client that went away while its body was streamed upstream) pass
+    through unchanged.
+    """
+    try:
+        yield
+    except ProxyPassError:
+        raise
+    except Exception as exc:
+        for source, target in _TABLE:
+            if isinstance(exc, source):
+                raise target(_describe(exc)) from exc
+        raise
+
+
+def _describe(exc: Exception) -> str:
+    message = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if message != type(exc).__name__ else message

@@ -1,0 +1,247 @@
+"""One HTTP exchange: stream `receive()` upstream, stream the response back, race the disconnect.
+
+The shape is starlette's `StreamingResponse`: the exchange runs beside a listener for
+`http.disconnect` (started once the request body has been read), and whichever finishes first
+ends the other. As in uvicorn's `RequestResponseCycle`, a failure before the response starts
+becomes an error response (400/413/502/503/504); after it, the client connection is aborted by
+returning without completing the response, so that a truncated body is never presented as
+complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx2
+
+from ._errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientDisconnected,
+    ClientError,
+    UpstreamError,
+    map_upstream_errors,
+)
+from ._headers import response_headers
+from ._types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ._proxy import ProxyPass
+
+__all__ = ["RequestBody", "handle_http", "send_error"]
+
+logger = logging.getLogger("asgi_proxy_pass")
+
+# Methods that carry no body when an HTTP/2 client sends no Content-Length.
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+
+
+class RequestBody(httpx2.AsyncByteStream):
+    """The client's request body, pulled from `receive()` as the upstream connection takes it.
+
+    Raises `ClientDisconnected` if the client goes away first (the upstream connection is then
+    closed mid-body, so the upstream never sees a shorter body as complete) and `BodyTooLarge`
+    past `max_size`.
+    """
+
+    def __init__(self, receive: Receive, max_size: int | None) -> None:
+        self.receive = receive
+        self.max_size = max_size
+        self.finished = anyio.Event()
+        self.received = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.finished.is_set():
+            raise RuntimeError("the request body was already sent and cannot be replayed")
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.finished.set()
+                raise ClientDisconnected("the client closed the connection while sending its body")
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                self.received += len(chunk)
+                if self.max_size is not None and self.received > self.max_size:
+                    raise BodyTooLarge(f"the request body is larger than {self.max_size} bytes")
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        self.finished.set()
+
+
+def body_framing(scope: Mapping[str, Any]) -> tuple[int | None, bool]:
+    """The client's body framing: its `Content-Length`, or whether it is sent chunked.
+
+    Raises:
+        BadRequest: an invalid or conflicting `Content-Length` (the ASGI server normally
+            refuses these first; this is the second line of defence against smuggling).
+    """
+    length: int | None = None
+    chunked = False
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise BadRequest("invalid Content-Length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and length is not None:
+        raise BadRequest("both Content-Length and Transfer-Encoding")
+    if length is None and not chunked and not scope.get("http_version", "1.1").startswith("1"):
+        # HTTP/2 and HTTP/3 frame bodies themselves: a body may come without Content-Length.
+        chunked = scope["method"] not in BODYLESS_METHODS
+    return length, chunked
+
+
+async def send_error(send: Send, status: int, reason: str) -> None:
+    """A short plain-text error response."""
+    body = f"{status} {reason}\n".encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Send) -> None:
+    """Forward one HTTP request to the upstream and relay the response."""
+    try:
+        target = proxy.target(scope)
+        headers = proxy.upstream_headers(scope, proxy.upstream)
+        length, chunked = body_framing(scope)
+        if length is not None and proxy.max_body_size is not None and length > proxy.max_body_size:
+            raise BodyTooLarge(f"Content-Length {length} is larger than {proxy.max_body_size}")
+    except ClientError as exc:
+        logger.info("%s %s: %s (%d)", scope["method"], scope["path"], exc, exc.status_code)
+        await send_error(send, exc.status_code, exc.reason)
+        return
+    if length is not None:
+        headers.append((b"content-length", str(length).encode("ascii")))
+    elif chunked:
+        headers.append((b"transfer-encoding", b"chunked"))
+
+    body = RequestBody(receive, proxy.max_body_size)
+    request = httpx2.Request(
+        scope["method"],
+        proxy._url,
+        headers=headers,
+        stream=body,
+        extensions={"target": target, "timeout": proxy._timeout_extension},
+    )
+    exchange = Exchange(proxy, scope, send, request, body)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(exchange.watch_disconnect, receive, tasks.cancel_scope)
+        await exchange.run()
+        tasks.cancel_scope.cancel()
+    if exchange.disconnected:
+        logger.info(
+            "%s %s: the client closed the connection before the response was complete (499)",
+            scope["method"],
+            scope["path"],
+        )
+
+
+class Exchange:
+    """The state of one forwarded request; `run()` and `watch_disconnect()` run side by side."""
+
+    def __init__(
+        self,
+        proxy: ProxyPass,
+        scope: Scope,
+        send: Send,
+        request: httpx2.Request,
+        body: RequestBody,
+    ) -> None:
+        self.proxy = proxy
+        self.scope = scope
+        self.send = send
+        self.request = request
+        self.body = body
+        self.complete = False
+        self.disconnected = False
+
+    async def watch_disconnect(self, receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+        await self.body.finished.wait()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self.complete:
+            self.disconnected = True
+            cancel_scope.cancel()
+
+    async def run(self) -> None:
+        proxy, scope = self.proxy, self.scope
+        try:
+            with map_upstream_errors():
+                response = await proxy.transport.handle_async_request(self.request)
+        except ClientDisconnected:
+            self.disconnected = True
+            return
+        except ClientError as exc:
+            logger.info("%s %s: %s (%d)", scope["method"], scope["path"], exc, exc.status_code)
+            await send_error(self.send, exc.status_code, exc.reason)
+            return
+        except UpstreamError as exc:
+            self.log_failure(exc, started=False)
+            await send_error(self.send, exc.status_code, exc.reason)
+            return
+
+        try:
+            await self.relay(response)
+        except UpstreamError as exc:
+            # Too late for a status: abort, so the client sees a truncated body as truncated.
+            self.log_failure(exc, started=True)
+            return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        self.complete = True
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def relay(self, response: httpx2.Response) -> None:
+        redirects = self.proxy.redirects
+        base: list[bytes] = []
+
+        def client_base() -> bytes:
+            if not base:
+                base.append(self.proxy.client_base(self.scope))
+            return base[0]
+
+        headers = response_headers(
+            response.headers.raw,
+            redirects=redirects,
+            client_base=client_base,
+            extra=self.proxy.response_headers,
+            scope=self.scope,
+        )
+        await self.send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        with map_upstream_errors():
+            async for chunk in response.aiter_raw():
+                if chunk:
+                    await self.send(
+                        {"type": "http.response.body", "body": chunk, "more_body": True}
+                    )
+
+    def log_failure(self, exc: UpstreamError, *, started: bool) -> None:
+        scope = self.scope
+        outcome = "aborted the client connection" if started else f"answered {exc.status_code}"
+        logger.error(
+            "%s %s: upstream %s failed: %s; %s",
+            scope["method"],
+            scope["path"],
+            self.proxy.upstream.address,
+            exc,
+            outcome,
+        )

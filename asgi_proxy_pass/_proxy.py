@@ -1,0 +1,389 @@
+"""`ProxyPass`: validate the configuration, own the upstream transport, dispatch ASGI scopes."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import unquote_to_bytes
+
+import httpx2
+
+from ._errors import BadRequest, ConfigError, NotFound
+from ._headers import Headers, HeaderValue, Redirects, TrustedProxies, request_headers
+from ._http import handle_http
+from ._types import ASGIApp, Receive, Scope, Send
+from ._urls import PathError, UpstreamURL, full_raw_path, map_target, parse_upstream, quote_path
+from ._websocket import handle_websocket
+
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_TIMEOUT", "ProxyPass", "lifespan"]
+
+#: Read and write timeouts are between two successive operations, 60 s like nginx's
+#: `proxy_read_timeout` / `proxy_send_timeout`; connecting gets 10 s (nginx: 60 s), and waiting
+#: for a free pooled connection as long.
+DEFAULT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0, pool=10.0)
+#: Upstream connections: at most 512 open, 128 kept alive for 4 s. Idle connections close before
+#: the 5 s keep-alive timeout of uvicorn and Node.js, so a reused connection is never one that the
+#: upstream is closing at that moment.
+DEFAULT_LIMITS = httpx2.Limits(
+    max_connections=512, max_keepalive_connections=128, keepalive_expiry=4.0
+)
+
+VerifyTypes = bool | str | os.PathLike[str] | ssl.SSLContext
+CertTypes = str | tuple[str, str] | tuple[str, str, str]
+
+
+class ProxyPass:
+    """An ASGI app that forwards HTTP requests and WebSockets to an upstream, like nginx's
+    `proxy_pass`.
+
+    Args:
+        upstream: The upstream URL, in nginx's forms: `"http://host:port"` forwards the client's
+            target unchanged, `"http://host:port/uri"` replaces the mount prefix with `/uri`,
+            `"http://unix:/run/app.sock"` and `"http://unix:/run/app.sock:/uri"` use a unix socket.
+            `https://` upstreams are verified by default.
+        strip_prefix: None (the default) strips the mount prefix (`scope["root_path"]`) when the
+            URL has a path, like nginx; True always strips it; False never does; a string strips
+            that literal prefix and answers 404 outside it (for use without a router).
+        timeout: Seconds, or an `httpx2.Timeout`. Read and write timeouts apply between two
+            operations (nginx `proxy_read_timeout` / `proxy_send_timeout`). Default: 60 s, and
+            10 s to connect (nginx `proxy_connect_timeout`) or to wait for a pooled connection.
+        preserve_host: Send the client's `Host` instead of the upstream's (nginx
+            `proxy_set_header Host $http_host`).
+        trusted_proxies: IPs and CIDR networks (and `"unix"`) of the peers whose
+            `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept; from anyone else they
+            are dropped. Default: none.
+        request_headers: Headers to set on the upstream request, replacing the client's (nginx
+            `proxy_set_header`). A value may be a string, None (remove), or a function of the
+            ASGI scope returning either.
+        response_headers: The same for the response (nginx `add_header` / `proxy_hide_header`).
+        redirect: Rewrite `Location`, `Content-Location` and `Refresh` headers that point at the
+            upstream to the client-facing URL (nginx `proxy_redirect default`). Default: True.
+        max_body_size: Largest request body in bytes; larger gets 413 (nginx
+            `client_max_body_size`, whose default of 1 MiB we do not impose). Default: None.
+        verify: TLS verification of https upstreams: True (system trust), False, a CA bundle
+            path or an `ssl.SSLContext`. SNI is the upstream host name.
+        cert: A client certificate for https upstreams: a path, or `(certfile, keyfile)`.
+        limits: The connection pool's `httpx2.Limits`. Default: `DEFAULT_LIMITS`.
+        transport: An `httpx2.AsyncBaseTransport` to forward through instead of the built-in
+            pooled one (a mock, a cache, another engine). It is used as is and not closed by us.
+        websocket_max_size: Largest WebSocket message in bytes, each way (uvicorn's default, 16
+            MiB); larger closes the connection with 1009.
+        websocket_ping_interval: Seconds between pings to the upstream, None to send none.
+        websocket_ping_timeout: Seconds to wait for a pong before closing, None to wait forever.
+        websocket_idle_timeout: Close a WebSocket when no message crossed in either direction
+            for this long (nginx `proxy_read_timeout` applies to tunnels too). Default: None.
+        websocket_compression: Negotiate permessage-deflate with the upstream (`"deflate"`,
+            the default) or not (None). Each side is negotiated on its own.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        strip_prefix: bool | str | None = None,
+        timeout: float | httpx2.Timeout = DEFAULT_TIMEOUT,
+        preserve_host: bool = False,
+        trusted_proxies: Iterable[str] = (),
+        request_headers: Mapping[str, HeaderValue] | None = None,
+        response_headers: Mapping[str, HeaderValue] | None = None,
+        redirect: bool = True,
+        max_body_size: int | None = None,
+        verify: VerifyTypes = True,
+        cert: CertTypes | None = None,
+        limits: httpx2.Limits = DEFAULT_LIMITS,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        websocket_max_size: int | None = 16 * 1024 * 1024,
+        websocket_ping_interval: float | None = 20.0,
+        websocket_ping_timeout: float | None = 20.0,
+        websocket_idle_timeout: float | None = None,
+        websocket_compression: str | None = "deflate",
+    ) -> None:
+        self.upstream: UpstreamURL = parse_upstream(upstream)
+        if not (strip_prefix is None or isinstance(strip_prefix, (bool, str))):
+            raise ConfigError(f"strip_prefix: expected bool, str or None, got {strip_prefix!r}")
+        if isinstance(strip_prefix, str) and not strip_prefix.startswith("/"):
+            raise ConfigError(f"strip_prefix: a prefix must start with '/', got {strip_prefix!r}")
+        self.strip_prefix = strip_prefix
+        self.timeout = _check_timeout(timeout)
+        self.preserve_host = bool(preserve_host)
+        self.trusted_proxies = TrustedProxies(trusted_proxies)
+        self.request_headers = _check_headers(request_headers, "request_headers")
+        self.response_headers = _check_headers(response_headers, "response_headers")
+        self.redirects = Redirects(_redirect_bases(self.upstream)) if redirect else None
+        self.max_body_size = _check_size(max_body_size, "max_body_size")
+        self.ssl_context = _ssl_context(verify, cert) if self.upstream.scheme == "https" else None
+        if not isinstance(limits, httpx2.Limits):
+            raise ConfigError(f"limits: expected an httpx2.Limits, got {limits!r}")
+        self.limits = limits
+        if transport is not None and not isinstance(transport, httpx2.AsyncBaseTransport):
+            raise ConfigError(
+                f"transport: expected an httpx2.AsyncBaseTransport, got {transport!r}"
+            )
+        self._transport = transport
+        self._owns_transport = transport is None
+        self.websocket_max_size = _check_size(websocket_max_size, "websocket_max_size")
+        self.websocket_ping_interval = _check_seconds(
+            websocket_ping_interval, "websocket_ping_interval"
+        )
+        self.websocket_ping_timeout = _check_seconds(
+            websocket_ping_timeout, "websocket_ping_timeout"
+        )
+        self.websocket_idle_timeout = _check_seconds(
+            websocket_idle_timeout, "websocket_idle_timeout"
+        )
+        if websocket_compression not in ("deflate", None):
+            raise ConfigError(
+                f"websocket_compression: expected 'deflate' or None, got {websocket_compression!r}"
+            )
+        self.websocket_compression = websocket_compression
+        # httpcore wants the per-request timeout as a dict extension.
+        self._timeout_extension = self.timeout.as_dict()
+        self._url = httpx2.URL(self.upstream.httpx_url())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.upstream.url!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await handle_http(self, scope, receive, send)
+        elif kind == "websocket":
+            await handle_websocket(self, scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise RuntimeError(f"ProxyPass cannot handle a {kind!r} scope")
+
+    @property
+    def transport(self) -> httpx2.AsyncBaseTransport:
+        """The transport requests go through, created on first use."""
+        if self._transport is None:
+            self._transport = httpx2.AsyncHTTPTransport(
+                verify=self.ssl_context or True,
+                trust_env=False,
+                limits=self.limits,
+                uds=self.upstream.uds,
+            )
+        return self._transport
+
+    def ssl_context_for(self, server: UpstreamURL) -> ssl.SSLContext | None:
+        """The TLS context for connecting to `server`, None for plain http."""
+        return self.ssl_context if server.scheme == "https" else None
+
+    def route(self, scope: Scope) -> tuple[str, bool]:
+        """The prefix a request must stay inside, and whether it is replaced by the URL's path."""
+        strip = self.strip_prefix
+        if isinstance(strip, str):
+            return strip, True
+        prefix = scope.get("root_path", "")
+        if strip is None:
+            return prefix, self.upstream.path is not None
+        return prefix, strip
+
+    def target(self, scope: Scope) -> bytes:
+        """The request-target to send upstream for this scope.
+
+        Raises:
+            BadRequest: malformed escapes, or a path that leaves the mount once resolved.
+            NotFound: a path outside a literal `strip_prefix`.
+        """
+        prefix, strip = self.route(scope)
+        raw = full_raw_path(scope)
+        if isinstance(self.strip_prefix, str) and not _under(raw, prefix):
+            raise NotFound(f"the path is not under {prefix!r}")
+        try:
+            return map_target(
+                raw,
+                scope.get("query_string", b""),
+                prefix=prefix,
+                strip=strip,
+                upstream_path=self.upstream.path,
+            )
+        except PathError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def upstream_headers(self, scope: Scope, server: UpstreamURL) -> Headers:
+        """The headers to send to `server` for this scope, framing headers excepted."""
+        prefix, strip = self.route(scope)
+        return request_headers(
+            scope,
+            host=server.host_header.encode("ascii"),
+            preserve_host=self.preserve_host,
+            trusted=self.trusted_proxies,
+            prefix=prefix if strip else None,
+            extra=self.request_headers,
+        )
+
+    def client_base(self, scope: Scope) -> bytes:
+        """The client-facing URL that the upstream path prefix maps to, for redirects."""
+        prefix, strip = self.route(scope)
+        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+        host = b""
+        for name, value in scope.get("headers") or ():
+            if name == b"host":
+                host = value
+                break
+        if not host:
+            server = scope.get("server")
+            host = f"{server[0]}:{server[1]}".encode() if server else b"localhost"
+        path = quote_path(prefix.rstrip("/")) if strip else b""
+        return scheme.encode() + b"://" + host + path
+
+    async def aclose(self) -> None:
+        """Close the pooled upstream connections (not a `transport=` given by the user)."""
+        transport, self._transport = self._transport, None
+        if transport is not None and self._owns_transport:
+            await transport.aclose()
+        elif transport is not None:
+            self._transport = transport
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def lifespan(*proxies: ProxyPass) -> Callable[[ASGIApp], Any]:
+    """A Starlette/FastAPI `lifespan` that closes these proxies' connections at shutdown.
+
+    ```python
+    api = ProxyPass("http://127.0.0.1:3000/")
+    app = Starlette(routes=[Mount("/api", app=api)], lifespan=lifespan(api))
+    ```
+    """
+
+    @asynccontextmanager
+    async def closing(app: ASGIApp) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for proxy in proxies:
+                await proxy.aclose()
+
+    return closing
+
+
+def _under(raw_path: bytes, prefix: str) -> bool:
+    path = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    base = prefix.rstrip("/").encode("utf-8")
+    return path == base or path.startswith(base + b"/")
+
+
+def _redirect_bases(upstream: UpstreamURL) -> list[bytes]:
+    path = (upstream.path or "").rstrip("/")
+    bases = [upstream.origin]
+    if upstream.uds is None:
+        # An upstream that spells its default port out (`http://b:80/`) is the same place.
+        bases.append(f"{upstream.scheme}://{upstream.address}")
+    return [(base + path).encode("latin-1") for base in bases]
+
+
+def _check_timeout(timeout: float | httpx2.Timeout) -> httpx2.Timeout:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, httpx2.Timeout)):
+        raise ConfigError(f"timeout: expected seconds or an httpx2.Timeout, got {timeout!r}")
+    if not isinstance(timeout, httpx2.Timeout):
+        timeout = httpx2.Timeout(timeout)
+    for name, value in timeout.as_dict().items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"timeout: the {name} timeout must be positive, got {value!r}")
+    return timeout
+
+
+def _check_seconds(value: float | None, argument: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{argument}: expected positive seconds or None, got {value!r}")
+    return float(value)
+
+
+def _check_size(value: int | None, argument: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{argument}: expected a number of bytes (>= 0) or None, got {value!r}")
+    return value
+
+
+def _check_headers(
+    headers: Mapping[str, HeaderValue] | None, argument: str
+) -> list[tuple[bytes, HeaderValue]]:
+    if headers is None:
+        return []
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"{argument}: expected a mapping of header names to values")
+    checked: list[tuple[bytes, HeaderValue]] = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name or not _is_token(name):
+            raise ConfigError(f"{argument}: {name!r} is not a valid header name")
+        if isinstance(value, str | bytes):
+            raw = value.encode("latin-1") if isinstance(value, str) else value
+            if any(c in raw for c in (b"\r", b"\n", b"\x00")):
+                raise ConfigError(f"{argument}: the value of {name!r} contains CR, LF or NUL")
+        elif value is not None and not callable(value):
+            raise ConfigError(
+                f"{argument}: the value of {name!r} must be a string, None or a function"
+            )
+        checked.append((name.lower().encode("ascii"), value))
+    return checked
+
+
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def _is_token(name: str) -> bool:
+    return all(c in _TOKEN_CHARS for c in name)
+
+
+def _ssl_context(verify: VerifyTypes, cert: CertTypes | None) -> ssl.SSLContext:
+    if isinstance(verify, ssl.SSLContext):
+        if cert is not None:
+            raise ConfigError("cert: load the certificate into the ssl.SSLContext given as verify=")
+        return verify
+    if verify is True:
+        context = ssl.create_default_context()
+    elif verify is False:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif isinstance(verify, (str, os.PathLike)):
+        path = os.fspath(verify)
+        if os.path.isdir(path):
+            context = ssl.create_default_context(capath=path)
+        elif os.path.isfile(path):
+            context = ssl.create_default_context(cafile=path)
+        else:
+            raise ConfigError(f"verify: no CA bundle file or directory at {path!r}")
+    else:
+        raise ConfigError(
+            f"verify: expected a bool, a CA bundle path or an SSLContext, got {verify!r}"
+        )
+    if cert is not None:
+        files = (cert,) if isinstance(cert, str) else cert
+        try:
+            context.load_cert_chain(*files)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cert: cannot load the client certificate {cert!r}: {exc}") from None
+    return context

@@ -146,7 +146,8 @@ def map_upstream_errors() -> Iterator[None]:
         for source, target in _TABLE:
             if isinstance(exc, source):
                 raise target(_describe(exc)) from exc
-        raise
+        # A custom transport's own bug: still a 502 and a log line (with the traceback).
+        raise UpstreamError(f"unexpected error in the transport: {_describe(exc)}") from exc
 
 
 def _describe(exc: Exception) -> str:

@@ -22,6 +22,8 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
+from ._errors import ConfigError
+
 __all__ = [
     "HeaderValue",
     "Headers",
@@ -74,7 +76,7 @@ class TrustedProxies:
 
     def __init__(self, entries: Iterable[str], *, argument: str = "trusted_proxies") -> None:
         if isinstance(entries, (str, bytes)):
-            raise ValueError(
+            raise ConfigError(
                 f"{argument}: expected a list of IPs or CIDR networks, got {entries!r}"
             )
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -86,7 +88,7 @@ class TrustedProxies:
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except (TypeError, ValueError):
-                raise ValueError(
+                raise ConfigError(
                     f"{argument}: {entry!r} is not an IP address, a CIDR network or 'unix'"
                 ) from None
 

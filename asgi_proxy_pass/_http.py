@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import anyio
 import httpx2
@@ -96,6 +97,18 @@ def body_framing(scope: Mapping[str, Any]) -> tuple[int | None, bool]:
     return length, chunked
 
 
+def request_url(origin: httpx2.URL, target: bytes) -> httpx2.URL:
+    """The full upstream URL, for transports that look at it (a mock, a cache).
+
+    The bytes on the wire are `target` itself, through httpx2's `target` extension: the URL
+    class would normalise dot segments and escapes.
+    """
+    try:
+        return origin.copy_with(raw_path=target)
+    except (UnicodeDecodeError, httpx2.InvalidURL):
+        return origin.copy_with(raw_path=quote(target, safe="/%?=&;:@!$'()*+,~").encode())
+
+
 async def send_error(send: Send, status: int, reason: str) -> None:
     """A short plain-text error response."""
     body = f"{status} {reason}\n".encode()
@@ -132,7 +145,7 @@ async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Se
     body = RequestBody(receive, proxy.max_body_size)
     request = httpx2.Request(
         scope["method"],
-        proxy._url,
+        request_url(proxy._url, target),
         headers=headers,
         stream=body,
         extensions={"target": target, "timeout": proxy._timeout_extension},
@@ -209,6 +222,9 @@ class Exchange:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def relay(self, response: httpx2.Response) -> None:
+        stream = response.stream
+        if not isinstance(stream, httpx2.AsyncByteStream):
+            raise UpstreamError(f"the transport returned a {type(stream).__name__}, not async")
         redirects = self.proxy.redirects
         base: list[bytes] = []
 
@@ -228,7 +244,7 @@ class Exchange:
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         with map_upstream_errors():
-            async for chunk in response.aiter_raw():
+            async for chunk in stream:
                 if chunk:
                     await self.send(
                         {"type": "http.response.body", "body": chunk, "more_body": True}
@@ -237,6 +253,9 @@ class Exchange:
     def log_failure(self, exc: UpstreamError, *, started: bool) -> None:
         scope = self.scope
         outcome = "aborted the client connection" if started else f"answered {exc.status_code}"
+        # Transport errors are explained by their message; anything else is a bug in a custom
+        # transport, worth its traceback.
+        expected = type(exc) is not UpstreamError or isinstance(exc.__cause__, httpx2.HTTPError)
         logger.error(
             "%s %s: upstream %s failed: %s; %s",
             scope["method"],
@@ -244,4 +263,5 @@ class Exchange:
             self.proxy.upstream.address,
             exc,
             outcome,
+            exc_info=None if expected else exc,
         )

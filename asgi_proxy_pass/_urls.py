@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from ._errors import ConfigError
+
 __all__ = [
     "PathError",
     "UpstreamURL",
@@ -87,13 +89,13 @@ class UpstreamURL:
 
 
 def parse_upstream(url: str, *, argument: str = "upstream") -> UpstreamURL:
-    """Parse an upstream string, raising `ValueError` naming `argument` when it is unusable."""
+    """Parse an upstream string, raising `ConfigError` naming `argument` when it is unusable."""
     if not isinstance(url, str):
-        raise ValueError(f"{argument}: expected a URL string, got {url!r}")
+        raise ConfigError(f"{argument}: expected a URL string, got {url!r}")
     scheme_part, sep, rest = url.partition("://")
     scheme = SCHEME_ALIASES.get(scheme_part.lower())
     if not sep or scheme is None:
-        raise ValueError(
+        raise ConfigError(
             f"{argument}: expected an http://, https://, ws:// or wss:// URL, got {url!r}"
         )
     if rest.startswith("unix:"):
@@ -103,22 +105,22 @@ def parse_upstream(url: str, *, argument: str = "upstream") -> UpstreamURL:
         parts = urlsplit(f"{scheme}://{rest}")
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"{argument}: invalid URL {url!r} ({exc})") from None
+        raise ConfigError(f"{argument}: invalid URL {url!r} ({exc})") from None
     if parts.query or "?" in rest:
         # nginx concatenates such a query naively (`/x/?y=1a?b=2`), which is never meant.
-        raise ValueError(f"{argument}: a query string is not allowed in the upstream URL {url!r}")
+        raise ConfigError(f"{argument}: a query string is not allowed in the upstream URL {url!r}")
     if parts.fragment or "#" in rest:
-        raise ValueError(f"{argument}: a fragment is not allowed in the upstream URL {url!r}")
+        raise ConfigError(f"{argument}: a fragment is not allowed in the upstream URL {url!r}")
     if parts.username is not None or parts.password is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{argument}: credentials are not allowed in the upstream URL {url!r}; "
             "send an Authorization header with request_headers= instead"
         )
     host = parts.hostname
     if not host:
-        raise ValueError(f"{argument}: the upstream URL {url!r} has no host")
+        raise ConfigError(f"{argument}: the upstream URL {url!r} has no host")
     if port == 0:
-        raise ValueError(f"{argument}: port 0 is not a valid upstream port in {url!r}")
+        raise ConfigError(f"{argument}: port 0 is not a valid upstream port in {url!r}")
     if port is None:
         port = DEFAULT_PORTS[scheme]
     is_ipv6 = _is_ipv6(host)
@@ -141,16 +143,16 @@ def _parse_unix(url: str, scheme: str, rest: str, argument: str) -> UpstreamURL:
     # nginx: the socket path ends at the first ':' (http://unix:/run/app.sock:/uri).
     socket_path, _, path = rest.partition(":")
     if not socket_path.startswith("/"):
-        raise ValueError(
+        raise ConfigError(
             f"{argument}: a unix socket upstream needs an absolute path, "
             f"as in 'http://unix:/run/app.sock', got {url!r}"
         )
     if path and not path.startswith("/"):
-        raise ValueError(
+        raise ConfigError(
             f"{argument}: the URI after the socket path must start with '/' in {url!r}"
         )
     if "?" in path or "#" in path:
-        raise ValueError(f"{argument}: a query or fragment is not allowed in {url!r}")
+        raise ConfigError(f"{argument}: a query or fragment is not allowed in {url!r}")
     return UpstreamURL(
         url=url,
         scheme=scheme,

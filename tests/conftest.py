@@ -10,7 +10,6 @@ httpx2.alias_httpx()
 
 import pytest  # noqa: E402
 import trustme  # noqa: E402
-
 from servers import Running, echo_app, serve  # noqa: E402
 
 

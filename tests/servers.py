@@ -111,7 +111,10 @@ async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(data)),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
@@ -120,3 +123,34 @@ async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
 def header_values(payload: dict[str, Any], name: str) -> list[str]:
     """All values of a header in an `echo_app` payload, in order."""
     return [v for n, v in payload["headers"] if n == name]
+
+
+@asynccontextmanager
+async def front(proxy: Any, mount: str | None = "/api", **config: Any) -> AsyncIterator[Running]:
+    """Serve `proxy` under uvicorn, mounted at `mount` in a Starlette app (or as the root app)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app = Starlette(routes=[Mount(mount, app=proxy)]) if mount else proxy
+    try:
+        async with serve(app, **config) as running:
+            yield running
+    finally:
+        await proxy.aclose()
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Send raw request bytes (which should ask for `Connection: close`); parse the response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = [
+        (n.strip().lower(), v.strip()) for n, _, v in (line.partition(b":") for line in lines)
+    ]
+    return int(status_line.split()[1]), headers, body

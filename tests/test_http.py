@@ -513,3 +513,28 @@ async def test_unix_socket_front_without_client(tmp_path: Any, echo: Running) ->
         async with httpx2.AsyncClient(transport=transport) as c:
             data = await get_json(c, "http://front/api/x", headers={"X-Forwarded-For": "1.1.1.1"})
     assert header_values(data, "x-forwarded-for") == []
+
+
+async def test_absolute_form_target_does_not_change_the_upstream(echo: Running) -> None:
+    async with front(ProxyPass(echo.url + "/")) as proxy:
+        status, _, body = await raw_http(
+            proxy.port,
+            b"GET http://other.example/api/abs?x=1 HTTP/1.1\r\nHost: front.example\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert status == 200
+    data = json.loads(body)
+    assert data["target"] == "/abs?x=1"
+    assert header_values(data, "host") == [echo.url.removeprefix("http://")]
+    assert header_values(data, "x-forwarded-host") == ["front.example"]
+
+
+async def test_http10_client_without_host(echo: Running) -> None:
+    async with front(ProxyPass(echo.url + "/")) as proxy:
+        status, _, body = await raw_http(proxy.port, b"GET /api/old HTTP/1.0\r\n\r\n")
+    assert status == 200
+    data = json.loads(body)
+    assert data["target"] == "/old"
+    assert data["http_version"] == "1.1"
+    assert header_values(data, "host") == [echo.url.removeprefix("http://")]
+    assert header_values(data, "x-forwarded-host") == []

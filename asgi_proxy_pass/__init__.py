@@ -14,7 +14,9 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ._proxy import DEFAULT_LIMITS, DEFAULT_TIMEOUT, ProxyPass, lifespan
+from ._health import HealthCheck
+from ._proxy import DEFAULT_TIMEOUT, ProxyPass, lifespan
+from ._upstream import DEFAULT_LIMITS, NoLiveUpstreams, Server, Upstream
 
 __version__ = "0.1.0"
 
@@ -26,9 +28,13 @@ __all__ = [
     "ClientDisconnected",
     "ClientError",
     "ConfigError",
+    "HealthCheck",
+    "NoLiveUpstreams",
     "NotFound",
     "ProxyPass",
     "ProxyPassError",
+    "Server",
+    "Upstream",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",

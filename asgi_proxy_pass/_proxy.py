@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -13,27 +13,45 @@ from urllib.parse import unquote_to_bytes
 import httpx2
 
 from ._errors import BadRequest, ConfigError, NotFound
+from ._failover import Budget
 from ._headers import Headers, HeaderValue, Redirects, TrustedProxies, request_headers
 from ._http import handle_http
+from ._tls import CertTypes, VerifyTypes
 from ._types import ASGIApp, Receive, Scope, Send
-from ._urls import PathError, UpstreamURL, full_raw_path, map_target, parse_upstream, quote_path
+from ._upstream import DEFAULT_LIMITS, Server, Upstream
+from ._urls import (
+    PathError,
+    UpstreamURL,
+    full_raw_path,
+    map_target,
+    parse_upstream,
+    quote_path,
+)
 from ._websocket import handle_websocket
 
-__all__ = ["DEFAULT_LIMITS", "DEFAULT_TIMEOUT", "ProxyPass", "lifespan"]
+__all__ = ["DEFAULT_TIMEOUT", "NEXT_UPSTREAM", "ProxyPass", "lifespan"]
 
 #: Read and write timeouts are between two successive operations, 60 s like nginx's
 #: `proxy_read_timeout` / `proxy_send_timeout`; connecting gets 10 s (nginx: 60 s), and waiting
 #: for a free pooled connection as long.
 DEFAULT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0, pool=10.0)
-#: Upstream connections: at most 512 open, 128 kept alive for 4 s. Idle connections close before
-#: the 5 s keep-alive timeout of uvicorn and Node.js, so a reused connection is never one that the
-#: upstream is closing at that moment.
-DEFAULT_LIMITS = httpx2.Limits(
-    max_connections=512, max_keepalive_connections=128, keepalive_expiry=4.0
+#: nginx `proxy_next_upstream` conditions; the default is nginx's.
+NEXT_UPSTREAM = frozenset(
+    {
+        "error",
+        "timeout",
+        "invalid_header",
+        "http_500",
+        "http_502",
+        "http_503",
+        "http_504",
+        "http_403",
+        "http_404",
+        "http_429",
+        "non_idempotent",
+        "off",
+    }
 )
-
-VerifyTypes = bool | str | os.PathLike[str] | ssl.SSLContext
-CertTypes = str | tuple[str, str] | tuple[str, str, str]
 
 
 class ProxyPass:
@@ -44,7 +62,9 @@ class ProxyPass:
         upstream: The upstream URL, in nginx's forms: `"http://host:port"` forwards the client's
             target unchanged, `"http://host:port/uri"` replaces the mount prefix with `/uri`,
             `"http://unix:/run/app.sock"` and `"http://unix:/run/app.sock:/uri"` use a unix socket.
-            `https://` upstreams are verified by default.
+            `https://` upstreams are verified by default. Or an `Upstream` pool, which may be
+            shared by several `ProxyPass` apps and then carries the TLS and connection options
+            (`verify`, `cert`, `limits`) itself; it is not closed by `aclose()` then.
         strip_prefix: None (the default) strips the mount prefix (`scope["root_path"]`) when the
             URL has a path, like nginx; True always strips it; False never does; a string strips
             that literal prefix and answers 404 outside it (for use without a router).
@@ -70,6 +90,19 @@ class ProxyPass:
         limits: The connection pool's `httpx2.Limits`. Default: `DEFAULT_LIMITS`.
         transport: An `httpx2.AsyncBaseTransport` to forward through instead of the built-in
             pooled one (a mock, a cache, another engine). It is used as is and not closed by us.
+        next_upstream: When a failed attempt moves on to the next server of a pool (nginx
+            `proxy_next_upstream`): any of `"error"`, `"timeout"`, `"invalid_header"`,
+            `"http_500"`, `"http_502"`, `"http_503"`, `"http_504"`, `"http_403"`, `"http_404"`,
+            `"http_429"`, `"non_idempotent"`, or `"off"`. Default: `("error", "timeout")`. A
+            request that was sent (not just a failed connect) is retried only when its method is
+            idempotent (not POST, LOCK, PATCH) or `"non_idempotent"` is listed, and only when its
+            body fits in `replay_buffer_size`.
+        next_upstream_tries: Attempts at most, the first included; 0 for no limit (nginx
+            `proxy_next_upstream_tries`). Default 0.
+        next_upstream_timeout: Seconds after the first attempt past which no other is started;
+            None for no limit (nginx `proxy_next_upstream_timeout`). Default None.
+        replay_buffer_size: Bytes of request body kept to replay on the next server. A larger
+            body streams on and is not retried once sent. Default 64 KiB.
         websocket_max_size: Largest WebSocket message in bytes, each way (uvicorn's default, 16
             MiB); larger closes the connection with 1009.
         websocket_ping_interval: Seconds between pings to the upstream, None to send none.
@@ -82,7 +115,7 @@ class ProxyPass:
 
     def __init__(
         self,
-        upstream: str,
+        upstream: str | Upstream,
         *,
         strip_prefix: bool | str | None = None,
         timeout: float | httpx2.Timeout = DEFAULT_TIMEOUT,
@@ -96,13 +129,29 @@ class ProxyPass:
         cert: CertTypes | None = None,
         limits: httpx2.Limits = DEFAULT_LIMITS,
         transport: httpx2.AsyncBaseTransport | None = None,
+        next_upstream: Iterable[str] = ("error", "timeout"),
+        next_upstream_tries: int = 0,
+        next_upstream_timeout: float | None = None,
+        replay_buffer_size: int = 64 * 1024,
         websocket_max_size: int | None = 16 * 1024 * 1024,
         websocket_ping_interval: float | None = 20.0,
         websocket_ping_timeout: float | None = 20.0,
         websocket_idle_timeout: float | None = None,
         websocket_compression: str | None = "deflate",
     ) -> None:
-        self.upstream: UpstreamURL = parse_upstream(upstream)
+        if isinstance(upstream, Upstream):
+            if verify is not True or cert is not None or limits is not DEFAULT_LIMITS:
+                raise ConfigError(
+                    "verify: with an Upstream pool, give verify, cert and limits to the Upstream"
+                )
+            self.pool, self._owns_pool = upstream, False
+        elif isinstance(upstream, str):
+            parse_upstream(upstream)  # errors name `upstream`, not the pool's `servers[0]`
+            self.pool = Upstream([upstream], verify=verify, cert=cert, limits=limits)
+            self._owns_pool = True
+        else:
+            raise ConfigError(f"upstream: expected a URL string or an Upstream, got {upstream!r}")
+        self._started = False
         if not (strip_prefix is None or isinstance(strip_prefix, (bool, str))):
             raise ConfigError(f"strip_prefix: expected bool, str or None, got {strip_prefix!r}")
         if isinstance(strip_prefix, str) and not strip_prefix.startswith("/"):
@@ -113,18 +162,27 @@ class ProxyPass:
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         self.request_headers = _check_headers(request_headers, "request_headers")
         self.response_headers = _check_headers(response_headers, "response_headers")
-        self.redirects = Redirects(_redirect_bases(self.upstream)) if redirect else None
+        self.redirects = Redirects(_redirect_bases(self.pool)) if redirect else None
         self.max_body_size = _check_size(max_body_size, "max_body_size")
-        self.ssl_context = _ssl_context(verify, cert) if self.upstream.scheme == "https" else None
-        if not isinstance(limits, httpx2.Limits):
-            raise ConfigError(f"limits: expected an httpx2.Limits, got {limits!r}")
-        self.limits = limits
         if transport is not None and not isinstance(transport, httpx2.AsyncBaseTransport):
             raise ConfigError(
                 f"transport: expected an httpx2.AsyncBaseTransport, got {transport!r}"
             )
         self._transport = transport
-        self._owns_transport = transport is None
+        self.next_upstream = _check_next_upstream(next_upstream)
+        if (
+            isinstance(next_upstream_tries, bool)
+            or not isinstance(next_upstream_tries, int)
+            or next_upstream_tries < 0
+        ):
+            raise ConfigError(
+                f"next_upstream_tries: expected an integer >= 0, got {next_upstream_tries!r}"
+            )
+        self.next_upstream_tries = next_upstream_tries
+        self.next_upstream_timeout = _check_seconds(next_upstream_timeout, "next_upstream_timeout")
+        size = _check_size(replay_buffer_size, "replay_buffer_size")
+        self.replay_buffer_size = 0 if size is None else size
+        self.clock: Callable[[], float] = time.monotonic
         self.websocket_max_size = _check_size(websocket_max_size, "websocket_max_size")
         self.websocket_ping_interval = _check_seconds(
             websocket_ping_interval, "websocket_ping_interval"
@@ -142,10 +200,17 @@ class ProxyPass:
         self.websocket_compression = websocket_compression
         # httpcore wants the per-request timeout as a dict extension.
         self._timeout_extension = self.timeout.as_dict()
-        self._url = httpx2.URL(self.upstream.httpx_url())
+        self._origins: dict[UpstreamURL, httpx2.URL] = {}
+
+    @property
+    def upstream(self) -> UpstreamURL:
+        """The first server's URL (all servers of a pool share scheme and path)."""
+        return self.pool.servers[0].url
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.upstream.url!r})"
+        if self._owns_pool:
+            return f"{type(self).__name__}({self.upstream.url!r})"
+        return f"{type(self).__name__}({self.pool!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -158,21 +223,29 @@ class ProxyPass:
         else:
             raise RuntimeError(f"ProxyPass cannot handle a {kind!r} scope")
 
-    @property
-    def transport(self) -> httpx2.AsyncBaseTransport:
-        """The transport requests go through, created on first use."""
-        if self._transport is None:
-            self._transport = httpx2.AsyncHTTPTransport(
-                verify=self.ssl_context or True,
-                trust_env=False,
-                limits=self.limits,
-                uds=self.upstream.uds,
-            )
-        return self._transport
+    def budget(self) -> Budget:
+        """A fresh retry budget for one request (`next_upstream_tries` / `_timeout`)."""
+        return Budget(self.next_upstream_tries, self.next_upstream_timeout, self.clock)
+
+    def origin(self, server: Server) -> httpx2.URL:
+        """`server`'s scheme, host and port as an `httpx2.URL`, parsed once."""
+        url = self._origins.get(server.url)
+        if url is None:
+            url = self._origins[server.url] = httpx2.URL(server.url.httpx_url())
+        return url
+
+    def transport_for(self, server: Server) -> httpx2.AsyncBaseTransport:
+        """The transport requests to `server` go through: `transport=`, or the pool's."""
+        return self._transport or self.pool.transport_for(server)
 
     def ssl_context_for(self, server: UpstreamURL) -> ssl.SSLContext | None:
         """The TLS context for connecting to `server`, None for plain http."""
-        return self.ssl_context if server.scheme == "https" else None
+        return self.pool.ssl_context if server.scheme == "https" else None
+
+    async def start(self) -> None:
+        """Start the pool's active health checks, if any (done on the first request too)."""
+        self._started = True
+        await self.pool.start()
 
     def route(self, scope: Scope) -> tuple[str, bool]:
         """The prefix a request must stay inside, and whether it is replaced by the URL's path."""
@@ -181,7 +254,7 @@ class ProxyPass:
             return strip, True
         prefix = scope.get("root_path", "")
         if strip is None:
-            return prefix, self.upstream.path is not None
+            return prefix, self.pool.path is not None
         return prefix, strip
 
     def target(self, scope: Scope) -> bytes:
@@ -201,7 +274,7 @@ class ProxyPass:
                 scope.get("query_string", b""),
                 prefix=prefix,
                 strip=strip,
-                upstream_path=self.upstream.path,
+                upstream_path=self.pool.path,
             )
         except PathError as exc:
             raise BadRequest(str(exc)) from None
@@ -234,12 +307,14 @@ class ProxyPass:
         return scheme.encode() + b"://" + host + path
 
     async def aclose(self) -> None:
-        """Close the pooled upstream connections (not a `transport=` given by the user)."""
-        transport, self._transport = self._transport, None
-        if transport is not None and self._owns_transport:
-            await transport.aclose()
-        elif transport is not None:
-            self._transport = transport
+        """Close the pooled upstream connections and health checks.
+
+        A `transport=` and a shared `Upstream` given by the user are left open: close them
+        where they were made (`lifespan(proxy, pool)` does both).
+        """
+        self._started = False
+        if self._owns_pool:
+            await self.pool.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -256,6 +331,7 @@ class ProxyPass:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -263,8 +339,9 @@ class ProxyPass:
                 return
 
 
-def lifespan(*proxies: ProxyPass) -> Callable[[ASGIApp], Any]:
-    """A Starlette/FastAPI `lifespan` that closes these proxies' connections at shutdown.
+def lifespan(*apps: ProxyPass | Upstream) -> Callable[[ASGIApp], Any]:
+    """A Starlette/FastAPI `lifespan` that starts the health checks of these proxies and pools
+    at startup and closes their connections at shutdown.
 
     ```python
     api = ProxyPass("http://127.0.0.1:3000/")
@@ -273,14 +350,16 @@ def lifespan(*proxies: ProxyPass) -> Callable[[ASGIApp], Any]:
     """
 
     @asynccontextmanager
-    async def closing(app: ASGIApp) -> AsyncIterator[None]:
+    async def running(app: ASGIApp) -> AsyncIterator[None]:
+        for item in apps:
+            await item.start()
         try:
             yield
         finally:
-            for proxy in proxies:
-                await proxy.aclose()
+            for item in apps:
+                await item.aclose()
 
-    return closing
+    return running
 
 
 def _under(raw_path: bytes, prefix: str) -> bool:
@@ -289,13 +368,30 @@ def _under(raw_path: bytes, prefix: str) -> bool:
     return path == base or path.startswith(base + b"/")
 
 
-def _redirect_bases(upstream: UpstreamURL) -> list[bytes]:
-    path = (upstream.path or "").rstrip("/")
-    bases = [upstream.origin]
-    if upstream.uds is None:
-        # An upstream that spells its default port out (`http://b:80/`) is the same place.
-        bases.append(f"{upstream.scheme}://{upstream.address}")
+def _redirect_bases(pool: Upstream) -> list[bytes]:
+    path = (pool.path or "").rstrip("/")
+    bases = []
+    for server in pool.servers:
+        bases.append(server.url.origin)
+        if server.url.uds is None:
+            # An upstream that spells its default port out (`http://b:80/`) is the same place.
+            bases.append(f"{server.url.scheme}://{server.url.address}")
     return [(base + path).encode("latin-1") for base in bases]
+
+
+def _check_next_upstream(conditions: Iterable[str]) -> frozenset[str]:
+    if isinstance(conditions, str) or not isinstance(conditions, Iterable):
+        raise ConfigError(f"next_upstream: expected a list of conditions, got {conditions!r}")
+    checked = frozenset(conditions)
+    unknown = sorted(checked - NEXT_UPSTREAM)
+    if unknown:
+        raise ConfigError(
+            f"next_upstream: unknown condition {unknown[0]!r}; "
+            f"expected some of {', '.join(sorted(NEXT_UPSTREAM))}"
+        )
+    if "off" in checked and len(checked) > 1:
+        raise ConfigError("next_upstream: 'off' cannot be combined with other conditions")
+    return frozenset() if "off" in checked else checked
 
 
 def _check_timeout(timeout: float | httpx2.Timeout) -> httpx2.Timeout:
@@ -355,35 +451,3 @@ _TOKEN_CHARS = frozenset(
 
 def _is_token(name: str) -> bool:
     return all(c in _TOKEN_CHARS for c in name)
-
-
-def _ssl_context(verify: VerifyTypes, cert: CertTypes | None) -> ssl.SSLContext:
-    if isinstance(verify, ssl.SSLContext):
-        if cert is not None:
-            raise ConfigError("cert: load the certificate into the ssl.SSLContext given as verify=")
-        return verify
-    if verify is True:
-        context = ssl.create_default_context()
-    elif verify is False:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif isinstance(verify, (str, os.PathLike)):
-        path = os.fspath(verify)
-        if os.path.isdir(path):
-            context = ssl.create_default_context(capath=path)
-        elif os.path.isfile(path):
-            context = ssl.create_default_context(cafile=path)
-        else:
-            raise ConfigError(f"verify: no CA bundle file or directory at {path!r}")
-    else:
-        raise ConfigError(
-            f"verify: expected a bool, a CA bundle path or an SSLContext, got {verify!r}"
-        )
-    if cert is not None:
-        files = (cert,) if isinstance(cert, str) else cert
-        try:
-            context.load_cert_chain(*files)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cert: cannot load the client certificate {cert!r}: {exc}") from None
-    return context

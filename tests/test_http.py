@@ -492,9 +492,9 @@ async def test_lifespan_as_root_app(echo: Running, client: httpx2.AsyncClient) -
     proxy = ProxyPass(echo.url)
     async with front(proxy, mount=None, lifespan="on") as running:
         data = await get_json(client, running.url + "/x?y=1")
-        assert proxy._transport is not None
+        assert proxy.pool._transports
     assert data["target"] == "/x?y=1"
-    assert proxy._transport is None  # closed by lifespan shutdown
+    assert not proxy.pool._transports  # closed by lifespan shutdown
 
 
 async def test_unix_socket_upstream(tmp_path: Any, client: httpx2.AsyncClient) -> None:

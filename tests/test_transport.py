@@ -56,5 +56,5 @@ async def test_given_transport_is_used_and_not_closed(client: httpx2.AsyncClient
     assert response.text == "mocked"
     assert route.call_count == 1
     assert route.calls.last.request.headers["host"] == "b:1"
-    assert proxy.transport is transport
+    assert proxy.transport_for(proxy.pool.servers[0]) is transport
     assert closed == []

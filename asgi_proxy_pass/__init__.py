@@ -11,6 +11,7 @@ from ._errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
+    "UpstreamRefused",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "__version__",

@@ -11,7 +11,9 @@
         ├── UpstreamConnectError        502: refused, DNS, TLS
         ├── UpstreamTimeout             504: connect, read or write timeout
         ├── UpstreamUnavailable         503: no connection free in the pool in time
-        └── UpstreamProtocolError       502: invalid or truncated response
+        ├── UpstreamProtocolError       502: invalid or truncated response
+        ├── UpstreamRefused             its own status: a WebSocket handshake refused
+        └── NoLiveUpstreams             502: no server of the pool can be chosen (_upstream.py)
 
 Upstream failures never escape `ProxyPass.__call__`: before the response has started they become
 an error response with a short plain-text body and one log line; after, the client connection is
@@ -37,6 +39,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
+    "UpstreamRefused",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "map_upstream_errors",
@@ -113,6 +116,22 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """An invalid, truncated or prematurely closed upstream response."""
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream answered a WebSocket handshake with a status other than 101.
+
+    Its status, headers and body are passed on to the client (nginx does the same, W4).
+    """
+
+    def __init__(
+        self, status_code: int, reason: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        super().__init__(f"refused the handshake with {status_code}")
+        self.status_code = status_code
+        self.reason = reason
+        self.headers = headers
+        self.body = body
 
 
 # Most specific first: httpx2.ConnectTimeout is a TimeoutException, PoolTimeout too.

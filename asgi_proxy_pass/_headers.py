@@ -19,6 +19,7 @@ Response (upstream -> client): hop-by-hop headers are dropped; `Location`, `Cont
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -64,6 +65,8 @@ FORWARDING = frozenset(
         b"x-real-ip",
     }
 )
+logger = logging.getLogger("asgi_proxy_pass")
+
 REDIRECT_HEADERS = frozenset({b"location", b"content-location", b"refresh"})
 
 
@@ -204,7 +207,12 @@ def apply_overrides(
             value = value(dict(scope))
         if value is None or value == "" or value == b"":
             continue  # nginx: an empty proxy_set_header value removes the header
-        kept.append((name, value.encode("latin-1") if isinstance(value, str) else value))
+        raw = value.encode("latin-1") if isinstance(value, str) else value
+        if b"\r" in raw or b"\n" in raw or b"\0" in raw:
+            # A computed value must not split the header block (static ones are checked once).
+            logger.warning("header %r: a computed value with CR, LF or NUL was not sent", name)
+            continue
+        kept.append((name, raw))
     return kept
 
 

@@ -294,17 +294,26 @@ class ProxyPass:
     def client_base(self, scope: Scope) -> bytes:
         """The client-facing URL that the upstream path prefix maps to, for redirects."""
         prefix, strip = self.route(scope)
-        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
-        host = b""
+        scheme = b"https" if scope.get("scheme") in ("https", "wss") else b"http"
+        host = forwarded_host = forwarded_proto = b""
         for name, value in scope.get("headers") or ():
             if name == b"host":
                 host = value
-                break
+            elif name == b"x-forwarded-host" and not forwarded_host:
+                forwarded_host = value.split(b",", 1)[0].strip()
+            elif name == b"x-forwarded-proto" and not forwarded_proto:
+                forwarded_proto = value.split(b",", 1)[0].strip().lower()
+        if forwarded_host or forwarded_proto:
+            # Behind a trusted load balancer the client-facing URL is the one it was asked for.
+            client = scope.get("client")
+            if self.trusted_proxies.trusts(client[0] if client else None):
+                host = forwarded_host or host
+                scheme = forwarded_proto if forwarded_proto in (b"http", b"https") else scheme
         if not host:
             server = scope.get("server")
             host = f"{server[0]}:{server[1]}".encode() if server else b"localhost"
         path = quote_path(prefix.rstrip("/")) if strip else b""
-        return scheme.encode() + b"://" + host + path
+        return scheme + b"://" + host + path
 
     async def aclose(self) -> None:
         """Close the pooled upstream connections and health checks.

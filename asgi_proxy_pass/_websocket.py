@@ -46,7 +46,6 @@ from websockets.exceptions import (
     InvalidStatus,
     InvalidURI,
 )
-from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from ._errors import (
@@ -55,6 +54,7 @@ from ._errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamRefused,
     UpstreamTimeout,
     _describe,
 )
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     from ._proxy import ProxyPass
 
 __all__ = [
-    "UpstreamRefused",
     "client_close",
     "handle_websocket",
     "handshake_headers",
@@ -91,20 +90,6 @@ AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::
 
 TOO_BIG = (1009, "message too big")
 IDLE = (1001, "idle timeout")
-
-
-class UpstreamRefused(UpstreamError):
-    """The upstream answered the handshake with a status other than 101.
-
-    The status, end-to-end headers and body are passed to the client (nginx does the same, W4).
-    """
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(f"refused the handshake with {response.status_code}")
-        self.status_code = response.status_code
-        self.reason = response.reason_phrase
-        self.headers = raw_headers(response.headers)
-        self.body = bytes(response.body)
 
 
 def raw_headers(headers: WSHeaders) -> Headers:
@@ -133,7 +118,13 @@ def map_handshake_errors() -> Iterator[None]:
     try:
         yield
     except InvalidStatus as exc:
-        raise UpstreamRefused(exc.response) from exc
+        response = exc.response
+        raise UpstreamRefused(
+            response.status_code,
+            response.reason_phrase,
+            raw_headers(response.headers),
+            bytes(response.body),
+        ) from exc
     except Exception as exc:
         for source, target in _HANDSHAKE_ERRORS:
             if isinstance(exc, source):

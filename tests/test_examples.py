@@ -43,10 +43,16 @@ def check_fastapi_gateway(client: httpx2.Client) -> None:
     assert isinstance(generated, str) and len(generated) == 32
 
 
+def check_pool_status(c: httpx2.Client) -> None:
+    assert {c.get("/hello").json()["server"] for _ in range(4)} == {"a", "b"}
+    assert [s["state"] for s in c.get("/_pool").json()] == ["up", "up"]
+
+
 CHECKS: dict[str, Callable[[httpx2.Client], None]] = {
     "quickstart.py": check_quickstart,
     "starlette_mount.py": check_starlette_mount,
     "fastapi_gateway.py": check_fastapi_gateway,
+    "pool_status.py": check_pool_status,
 }
 
 

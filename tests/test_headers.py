@@ -277,3 +277,10 @@ def test_response_overrides() -> None:
         scope={},
     )
     assert out == [(b"x-a", b"1"), (b"x-frame-options", b"DENY")]
+
+
+def test_computed_values_cannot_split_the_header_block(caplog: pytest.LogCaptureFixture) -> None:
+    extra: list[tuple[bytes, HeaderValue]] = [(b"x-evil", lambda s: "a\r\nInjected: 1")]
+    out = build(scope(), extra=extra)
+    assert [n for n, _ in out if n in (b"x-evil", b"injected")] == []
+    assert "CR, LF or NUL" in caplog.text

@@ -538,3 +538,38 @@ async def test_http10_client_without_host(echo: Running) -> None:
     assert data["http_version"] == "1.1"
     assert header_values(data, "host") == [echo.url.removeprefix("http://")]
     assert header_values(data, "x-forwarded-host") == []
+
+
+async def test_redirects_use_trusted_forwarded_host_and_proto(client: httpx2.AsyncClient) -> None:
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        host = dict(scope["headers"])[b"host"]
+        headers = [(b"location", b"http://%s/v2/next" % host), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 302, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "public.example"}
+    async with serve(upstream) as up:
+        trusting = ProxyPass(up.url + "/v2/", trusted_proxies=["127.0.0.1"])
+        async with front(trusting) as proxy:
+            behind_lb = await client.get(proxy.url + "/api/x", headers=forwarded)
+        async with front(ProxyPass(up.url + "/v2/")) as proxy:
+            spoofed = await client.get(proxy.url + "/api/x", headers=forwarded)
+    assert behind_lb.headers["location"] == "https://public.example/api/next"
+    assert spoofed.headers["location"] == f"http://127.0.0.1:{proxy.port}/api/next"
+
+
+async def test_error_answer_is_not_logged_as_a_client_disconnect(
+    client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="asgi_proxy_pass")
+    release = asyncio.Event()
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+
+    async with serve(upstream) as up:
+        async with front(ProxyPass(up.url + "/", timeout=0.2)) as proxy:
+            response = await client.post(proxy.url + "/api/slow", content=b"x")
+        release.set()
+    assert response.status_code == 504
+    assert "499" not in caplog.text

@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 from ws_servers import describe, echo, header_values, silent_server, ws_upstream
 
 from asgi_proxy_pass import BadRequest, ProxyPass
+from asgi_proxy_pass import Upstream as PoolOf
 from asgi_proxy_pass._types import ASGIApp, Receive, Scope, Send
 from asgi_proxy_pass._urls import parse_upstream
 from asgi_proxy_pass._websocket import (
@@ -524,3 +525,42 @@ def test_upstream_close_mapping(
     close, failure = upstream_close(ConnectionClosedError(rcvd, sent, rcvd_then_sent))
     assert close == to_client
     assert (failure is not None) == logged
+
+
+# Pools
+
+
+async def test_handshake_fails_over_to_the_next_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with ws_upstream(echo) as up:
+        pool = PoolOf([dead, up.url])
+        async with front(ProxyPass(pool)) as url:
+            for _ in range(3):
+                async with open_ws(url) as ws:
+                    await ws.send("hi")
+                    assert await ws.recv() == "hi"
+        assert [s["state"] for s in pool.status()] == ["unavailable", "up"]
+        assert [s["in_flight"] for s in pool.status()] == [0, 0]
+        await pool.aclose()
+
+
+async def test_refused_handshake_moves_on_only_when_listed() -> None:
+    def unavailable(ws: ServerConnection, request: Request) -> Response:
+        return ws.respond(503, "busy\n")
+
+    async with ws_upstream(process_request=unavailable) as busy, ws_upstream(echo) as up:
+        pool = PoolOf([busy.url, up.url])
+        async with front(ProxyPass(pool, next_upstream=("error", "http_503"))) as url:
+            async with open_ws(url) as ws:
+                await ws.send("hi")
+                assert await ws.recv() == "hi"
+        await pool.aclose()
+        pool = PoolOf([busy.url, up.url])
+        async with front(ProxyPass(pool)) as url:
+            with pytest.raises(InvalidStatus) as info:
+                async with open_ws(url):
+                    pass  # pragma: no cover
+        assert info.value.response.status_code == 503
+        await pool.aclose()

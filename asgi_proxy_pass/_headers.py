@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from ._errors import ConfigError
+from ._errors import ConfigError, UpstreamProtocolError
 
 __all__ = [
     "HeaderValue",
@@ -263,17 +263,28 @@ def response_headers(
 
     Hop-by-hop headers and those named in `Connection` are dropped, `Content-Length` and
     everything else end-to-end is kept in order, redirect headers are mapped back.
+
+    Raises:
+        UpstreamProtocolError: both `Content-Length` and `Transfer-Encoding` (a smuggling
+            vector; nginx >= 1.23 answers 502 too).
     """
     headers = list(headers)
     tokens = connection_tokens(headers)
     out: Headers = []
+    framing = 0
     for name, value in headers:
         name = name.lower()
+        if name == b"content-length":
+            framing |= 1
+        elif name == b"transfer-encoding":
+            framing |= 2
         if name in HOP_BY_HOP or name in tokens:
             continue
         if redirects is not None and name in REDIRECT_HEADERS:
             value = redirects.rewrite(name, value, client_base)
         out.append((name, value))
+    if framing == 3:
+        raise UpstreamProtocolError("the response has both Content-Length and Transfer-Encoding")
     if extra:
         out = apply_overrides(out, extra, scope or {})
     return out

@@ -198,6 +198,7 @@ class Exchange:
         self.target = target
         self.framing = framing
         self.body = body
+        self.started = False
         self.complete = False
         self.disconnected = False
 
@@ -219,8 +220,10 @@ class Exchange:
         try:
             await self.relay(response)
         except UpstreamError as exc:
-            # Too late for a status: abort, so the client sees a truncated body as truncated.
-            self.log_failure(exc, server, started=True)
+            self.log_failure(exc, server, started=self.started)
+            if not self.started:
+                await self.answer(exc)
+            # Else too late for a status: abort, so the client sees a truncated body as such.
             return
         finally:
             with anyio.CancelScope(shield=True):
@@ -348,6 +351,7 @@ class Exchange:
             extra=self.proxy.response_headers,
             scope=self.scope,
         )
+        self.started = True
         await self.send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from asgi_proxy_pass import UpstreamProtocolError
 from asgi_proxy_pass._headers import (
     HeaderValue,
     Redirects,
@@ -196,7 +197,6 @@ def test_response_hop_by_hop_dropped_and_order_kept() -> None:
         (b"Connection", b"keep-alive, X-Secret"),
         (b"X-Secret", b"1"),
         (b"Keep-Alive", b"timeout=5"),
-        (b"Transfer-Encoding", b"chunked"),
         (b"Proxy-Authenticate", b"Basic"),
         (b"Trailer", b"X-T"),
         (b"Upgrade", b"h2c"),
@@ -284,3 +284,15 @@ def test_computed_values_cannot_split_the_header_block(caplog: pytest.LogCapture
     out = build(scope(), extra=extra)
     assert [n for n, _ in out if n in (b"x-evil", b"injected")] == []
     assert "CR, LF or NUL" in caplog.text
+
+
+def test_response_transfer_encoding_dropped() -> None:
+    upstream = [(b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")]
+    out = response_headers(upstream, redirects=None, client_base=lambda: b"")
+    assert out == [(b"x-a", b"1")]
+
+
+def test_response_with_both_framings_is_refused() -> None:
+    upstream = [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")]
+    with pytest.raises(UpstreamProtocolError, match="both Content-Length and Transfer-Encoding"):
+        response_headers(upstream, redirects=None, client_base=lambda: b"")

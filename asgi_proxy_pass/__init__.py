@@ -1,13 +1,17 @@
 """nginx's `proxy_pass` as an ASGI app: a streaming HTTP and WebSocket reverse proxy."""
 
+from ._accesslog import AccessLog
+from ._cache import Cache, CacheConfig
 from ._errors import (
     BadRequest,
     BodyTooLarge,
     ClientDisconnected,
     ClientError,
     ConfigError,
+    HeadersTooLarge,
     NotFound,
     ProxyPassError,
+    UnsupportedTransferCoding,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -15,6 +19,7 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ._gateway import gateway
 from ._health import HealthCheck
 from ._proxy import DEFAULT_TIMEOUT, ProxyPass, lifespan
 from ._upstream import DEFAULT_LIMITS, NoLiveUpstreams, Server, Upstream
@@ -22,19 +27,24 @@ from ._upstream import DEFAULT_LIMITS, NoLiveUpstreams, Server, Upstream
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessLog",
     "DEFAULT_LIMITS",
     "DEFAULT_TIMEOUT",
     "BadRequest",
     "BodyTooLarge",
+    "Cache",
+    "CacheConfig",
     "ClientDisconnected",
     "ClientError",
     "ConfigError",
+    "HeadersTooLarge",
     "HealthCheck",
     "NoLiveUpstreams",
     "NotFound",
     "ProxyPass",
     "ProxyPassError",
     "Server",
+    "UnsupportedTransferCoding",
     "Upstream",
     "UpstreamConnectError",
     "UpstreamError",
@@ -43,5 +53,6 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "__version__",
+    "gateway",
     "lifespan",
 ]

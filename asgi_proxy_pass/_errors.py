@@ -6,6 +6,8 @@
     │   ├── BadRequest                  400: malformed target, path leaving the mount, framing
     │   ├── NotFound                    404: outside a literal strip_prefix
     │   ├── BodyTooLarge                413: over max_body_size
+    │   ├── HeadersTooLarge             431: over max_header_size or max_headers
+    │   ├── UnsupportedTransferCoding   501: a transfer coding other than chunked
     │   └── ClientDisconnected          the client went away (logged as nginx's 499)
     └── UpstreamError                   the upstream failed: 502, 503 or 504
         ├── UpstreamConnectError        502: refused, DNS, TLS
@@ -34,8 +36,10 @@ __all__ = [
     "ClientDisconnected",
     "ClientError",
     "ConfigError",
+    "HeadersTooLarge",
     "NotFound",
     "ProxyPassError",
+    "UnsupportedTransferCoding",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -80,6 +84,20 @@ class BodyTooLarge(ClientError):
 
     status_code = 413
     reason = "Content Too Large"
+
+
+class HeadersTooLarge(ClientError):
+    """More request headers than `max_headers`, or more bytes than `max_header_size`."""
+
+    status_code = 431
+    reason = "Request Header Fields Too Large"
+
+
+class UnsupportedTransferCoding(ClientError):
+    """A request transfer coding other than `chunked` (nginx answers 501 too)."""
+
+    status_code = 501
+    reason = "Not Implemented"
 
 
 class ClientDisconnected(ClientError):

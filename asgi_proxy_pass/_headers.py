@@ -67,6 +67,9 @@ FORWARDING = frozenset(
 )
 logger = logging.getLogger("asgi_proxy_pass")
 
+# `X_Forwarded_For` and the like: CGI-style servers read them as the dashed header. nginx drops
+# every name with an underscore; we drop these always, from trusted peers too.
+FORWARDING_ALIASES = frozenset(name.replace(b"-", b"_") for name in FORWARDING) - FORWARDING
 REDIRECT_HEADERS = frozenset({b"location", b"content-location", b"refresh"})
 
 
@@ -159,7 +162,7 @@ def request_headers(
         if name == b"host":
             client_host = value
             continue
-        if name in REQUEST_DROPPED or name in tokens:
+        if name in REQUEST_DROPPED or name in tokens or name in FORWARDING_ALIASES:
             continue
         if name in FORWARDING:
             if not trust:
@@ -268,21 +271,26 @@ def response_headers(
         UpstreamProtocolError: both `Content-Length` and `Transfer-Encoding` (a smuggling
             vector; nginx >= 1.23 answers 502 too).
     """
-    headers = list(headers)
-    tokens = connection_tokens(headers)
+    # One pass over the raw pairs; the names a `Connection` header lists are dropped after it,
+    # since it may come last.
     out: Headers = []
+    tokens: set[bytes] | None = None
     framing = 0
     for name, value in headers:
         name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == b"transfer-encoding":
+                framing |= 2
+            elif name == b"connection":
+                tokens = connection_tokens([(name, value)]) | (tokens or set())
+            continue
         if name == b"content-length":
             framing |= 1
-        elif name == b"transfer-encoding":
-            framing |= 2
-        if name in HOP_BY_HOP or name in tokens:
-            continue
-        if redirects is not None and name in REDIRECT_HEADERS:
+        elif redirects is not None and name in REDIRECT_HEADERS:
             value = redirects.rewrite(name, value, client_base)
         out.append((name, value))
+    if tokens:
+        out = [(name, value) for name, value in out if name not in tokens]
     if framing == 3:
         raise UpstreamProtocolError("the response has both Content-Length and Transfer-Encoding")
     if extra:

@@ -10,19 +10,25 @@ complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
 import httpx2
 
+from ._accesslog import record_attempt
+from ._engine import H1Transport, ResponseStream, UpstreamResponse
 from ._errors import (
     BadRequest,
     BodyTooLarge,
     ClientDisconnected,
     ClientError,
+    HeadersTooLarge,
+    UnsupportedTransferCoding,
     UpstreamError,
     map_upstream_errors,
 )
@@ -55,7 +61,9 @@ class RequestBody(httpx2.AsyncByteStream):
         self.receive = receive
         self.max_size = max_size
         self.replay_limit = replay_limit
-        self.finished = anyio.Event()
+        self.finished = False
+        #: Called once the whole body has been received (not when the client went away).
+        self.on_finished: Callable[[], None] | None = None
         self.received = 0
         self.kept: list[bytes] | None = []
         self.iterated = False
@@ -72,14 +80,17 @@ class RequestBody(httpx2.AsyncByteStream):
             for chunk in list(self.kept):
                 yield chunk
         self.iterated = True
-        while not self.finished.is_set():
+        while not self.finished:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                self.finished.set()
+                self.finished = True
                 raise ClientDisconnected("the client closed the connection while sending its body")
             data: bytes = message.get("body", b"")
             if not message.get("more_body", False):
-                self.finished.set()
+                self.finished = True
+                finished, self.on_finished = self.on_finished, None
+                if finished is not None:
+                    finished()
             if data:
                 self.received += len(data)
                 if self.max_size is not None and self.received > self.max_size:
@@ -92,28 +103,45 @@ class RequestBody(httpx2.AsyncByteStream):
                 yield data
 
 
-def body_framing(scope: Mapping[str, Any]) -> tuple[int | None, bool]:
-    """The client's body framing: its `Content-Length`, or whether it is sent chunked.
+def body_framing(
+    scope: Mapping[str, Any], max_header_size: int, max_headers: int
+) -> tuple[int | None, bool]:
+    """Check the request head; return its `Content-Length`, or whether the body is chunked.
 
     Raises:
-        BadRequest: an invalid or conflicting `Content-Length` (the ASGI server normally
-            refuses these first; this is the second line of defence against smuggling).
+        BadRequest: an invalid or conflicting `Content-Length`, several `Host` headers (the
+            ASGI server normally refuses some of these first; this is the second line of
+            defence against smuggling and cache poisoning).
+        HeadersTooLarge: more than `max_headers` headers or `max_header_size` bytes of them.
+        UnsupportedTransferCoding: a transfer coding other than `chunked` alone.
     """
     length: int | None = None
-    chunked = False
-    for name, value in scope.get("headers") or ():
+    chunked = hosts = 0
+    size = 0
+    headers = scope.get("headers") or ()
+    for name, value in headers:
+        size += len(name) + len(value) + 4
         if name == b"content-length":
             if not value.isdigit() or (length is not None and int(value) != length):
                 raise BadRequest("invalid Content-Length")
             length = int(value)
         elif name == b"transfer-encoding":
-            chunked = True
+            # The server decoded `chunked`; any other coding would reach the upstream undeclared.
+            if chunked or value.strip().lower() != b"chunked":
+                raise UnsupportedTransferCoding(f"transfer coding {value!r} is not supported")
+            chunked = 1
+        elif name == b"host":
+            hosts += 1
+    if size > max_header_size or len(headers) > max_headers:
+        raise HeadersTooLarge(f"{len(headers)} request headers, {size} bytes")
+    if hosts > 1:
+        raise BadRequest("several Host headers")
     if chunked and length is not None:
         raise BadRequest("both Content-Length and Transfer-Encoding")
     if length is None and not chunked and not scope.get("http_version", "1.1").startswith("1"):
         # HTTP/2 and HTTP/3 frame bodies themselves: a body may come without Content-Length.
-        chunked = scope["method"] not in BODYLESS_METHODS
-    return length, chunked
+        return None, scope["method"] not in BODYLESS_METHODS
+    return length, bool(chunked)
 
 
 def request_url(origin: httpx2.URL, target: bytes) -> httpx2.URL:
@@ -148,7 +176,7 @@ async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Se
     """Forward one HTTP request to the upstream and relay the response."""
     try:
         target = proxy.target(scope)
-        length, chunked = body_framing(scope)
+        length, chunked = body_framing(scope, proxy.max_header_size, proxy.max_headers)
         if length is not None and proxy.max_body_size is not None and length > proxy.max_body_size:
             raise BodyTooLarge(f"Content-Length {length} is larger than {proxy.max_body_size}")
     except ClientError as exc:
@@ -164,10 +192,20 @@ async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Se
 
     body = RequestBody(receive, proxy.max_body_size, proxy.replay_buffer_size)
     exchange = Exchange(proxy, scope, send, target, framing, body)
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(exchange.watch_disconnect, receive, tasks.cancel_scope)
+    # The disconnect listener is one task, started once the body has been read: no task group
+    # per request (docs/performance.md). On a disconnect it cancels this task.
+    body.on_finished = exchange.watch
+    try:
         await exchange.run()
-        tasks.cancel_scope.cancel()
+        if exchange.disconnected:
+            await asyncio.sleep(0)  # take delivery of our cancellation here, if still pending
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not exchange.disconnected or task is None or task.uncancel():
+            raise  # not ours, or someone else's as well
+    finally:
+        body.on_finished = None  # no reference cycle left for the garbage collector
+        exchange.stop_watching()
     if exchange.disconnected:
         logger.info(
             "%s %s: the client closed the connection before the response was complete (499)",
@@ -201,16 +239,30 @@ class Exchange:
         self.started = False
         self.complete = False
         self.disconnected = False
+        self.task: asyncio.Task[Any] | None = None
+        self.watcher: asyncio.Task[None] | None = None
 
-    async def watch_disconnect(self, receive: Receive, cancel_scope: anyio.CancelScope) -> None:
-        await self.body.finished.wait()
+    def watch(self) -> None:
+        """Start listening for the client's disconnect: `receive()` has nothing else to give."""
+        self.task = task = asyncio.current_task()
+        if task is not None:
+            self.watcher = task.get_loop().create_task(self.watch_disconnect())
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+    async def watch_disconnect(self) -> None:
         while True:
-            message = await receive()
+            message = await self.body.receive()
             if message["type"] == "http.disconnect":
                 break
-        if not self.complete:
+        # The exchange is suspended at an await here (one thread): the cancellation is delivered
+        # inside `run()`, which closes the upstream connection on its way out.
+        if not self.complete and self.task is not None:
             self.disconnected = True
-            cancel_scope.cancel()
+            self.task.cancel()
 
     async def run(self) -> None:
         attempt = await self.connect()
@@ -226,23 +278,50 @@ class Exchange:
             # Else too late for a status: abort, so the client sees a truncated body as such.
             return
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-            self.proxy.pool.release(server)
-        self.complete = True
-        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                if not response.close_nowait():
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
+            finally:
+                # Even if a client disconnect (a plain task cancellation) interrupts the close.
+                self.proxy.pool.release(server)
+        if not self.complete:
+            self.complete = True
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def request_for(self, server: Server) -> httpx2.Request:
+    async def forward(self, server: Server) -> UpstreamResponse:
+        """Send the request to `server`: straight into the built-in engine, or as an
+        `httpx2.Request` through the transport seam (the httpx engine, a `transport=`)."""
         proxy = self.proxy
+        transport = proxy.transport_for(server)
+        if type(transport) is H1Transport:
+            url = server.url
+            return await transport.send(
+                (url.scheme, url.host, url.port),
+                self.scope["method"].encode("ascii"),
+                self.target,
+                proxy.upstream_headers(self.scope, url) + self.framing,
+                self.body,
+                proxy._timeout_extension,
+            )
+        # The pool's own httpx2 transport reads only the `target` extension: no URL to build.
+        # Any other (a mock, the cache) may look at `request.url`.
+        bare = proxy._transport is None and type(transport) is httpx2.AsyncHTTPTransport
+        response = await transport.handle_async_request(self.request_for(server, bare=bare))
+        return UpstreamResponse.of(response)
+
+    def request_for(self, server: Server, *, bare: bool = False) -> httpx2.Request:
+        proxy = self.proxy
+        origin = proxy.origin(server)
         return httpx2.Request(
             self.scope["method"],
-            request_url(proxy.origin(server), self.target),
+            origin if bare else request_url(origin, self.target),
             headers=proxy.upstream_headers(self.scope, server.url) + self.framing,
             stream=self.body,
             extensions={"target": self.target, "timeout": proxy._timeout_extension},
         )
 
-    async def connect(self) -> tuple[Server, httpx2.Response] | None:
+    async def connect(self) -> tuple[Server, UpstreamResponse] | None:
         """Send the request to servers in turn; None once the client has been answered."""
         proxy, pool, scope = self.proxy, self.proxy.pool, self.scope
         method: str = scope["method"]
@@ -261,13 +340,13 @@ class Exchange:
             budget.start()
             tried.append(server)
             pool.acquire(server)
+            started = time.monotonic()
             try:
                 with map_upstream_errors():
-                    response = await proxy.transport_for(server).handle_async_request(
-                        self.request_for(server)
-                    )
+                    response = await self.forward(server)
             except UpstreamError as exc:
                 pool.release(server)
+                record_attempt(scope, server.url.address, exc.status_code, started)
                 attempt = classify(exc)
                 if counts_as_failure(attempt.conditions, proxy.next_upstream):
                     pool.record_failure(server, str(exc))
@@ -291,15 +370,19 @@ class Exchange:
                 pool.release(server)
                 raise
 
+            record_attempt(scope, server.url.address, response.status_code, started)
             condition = status_condition(response.status_code)
             if condition in proxy.next_upstream:
                 status = Attempt(frozenset({condition}), sent=True)
                 if counts_as_failure(status.conditions, proxy.next_upstream):
                     pool.record_failure(server, f"status {response.status_code}")
                 if self.may_retry(status, tried, budget) and pool.can_select(tried):
-                    with anyio.CancelScope(shield=True):
-                        await response.aclose()
-                    pool.release(server)
+                    try:
+                        if not response.close_nowait():
+                            with anyio.CancelScope(shield=True):
+                                await response.aclose()
+                    finally:
+                        pool.release(server)
                     failure = UpstreamError(f"status {response.status_code}")
                     self.log_retry(server, str(failure))
                     continue
@@ -333,7 +416,7 @@ class Exchange:
             reason,
         )
 
-    async def relay(self, response: httpx2.Response) -> None:
+    async def relay(self, response: UpstreamResponse) -> None:
         stream = response.stream
         if not isinstance(stream, httpx2.AsyncByteStream):
             raise UpstreamError(f"the transport returned a {type(stream).__name__}, not async")
@@ -345,7 +428,7 @@ class Exchange:
             return base[0]
 
         headers = response_headers(
-            response.headers.raw,
+            response.headers,
             redirects=self.proxy.redirects,
             client_base=client_base,
             extra=self.proxy.response_headers,
@@ -355,12 +438,19 @@ class Exchange:
         await self.send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
+        # The built-in engine knows when a chunk is the last one: it then ends the response,
+        # saving the ASGI server an empty message.
+        engine = stream if isinstance(stream, ResponseStream) else None
         with map_upstream_errors():
             async for chunk in stream:
                 if chunk:
-                    await self.send(
-                        {"type": "http.response.body", "body": chunk, "more_body": True}
-                    )
+                    if engine is not None and engine.at_end:
+                        self.complete = True
+                        await self.send({"type": "http.response.body", "body": chunk})
+                    else:
+                        await self.send(
+                            {"type": "http.response.body", "body": chunk, "more_body": True}
+                        )
 
     def log_failure(self, exc: UpstreamError, server: Server, *, started: bool) -> None:
         scope = self.scope

@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 import httpx2
 
+from ._cache import Cache, CacheConfig
 from ._errors import BadRequest, ConfigError, NotFound
 from ._failover import Budget
 from ._headers import Headers, HeaderValue, Redirects, TrustedProxies, request_headers
@@ -84,12 +85,23 @@ class ProxyPass:
             upstream to the client-facing URL (nginx `proxy_redirect default`). Default: True.
         max_body_size: Largest request body in bytes; larger gets 413 (nginx
             `client_max_body_size`, whose default of 1 MiB we do not impose). Default: None.
+        max_header_size: Largest request head in bytes (names, values and 4 bytes per header);
+            larger gets 431. Default 32 KiB (nginx's `large_client_header_buffers 4 8k`).
+        max_headers: Most request headers; more gets 431. Default 100 (Apache's
+            `LimitRequestFields`).
         verify: TLS verification of https upstreams: True (system trust), False, a CA bundle
             path or an `ssl.SSLContext`. SNI is the upstream host name.
         cert: A client certificate for https upstreams: a path, or `(certfile, keyfile)`.
         limits: The connection pool's `httpx2.Limits`. Default: `DEFAULT_LIMITS`.
+        engine: The HTTP engine of its own pool: `"httptools"` (the default: our HTTP/1.1
+            client on uvicorn's C parser, several times faster) or `"httpx"` (httpx2's own
+            transport). An `Upstream` pool takes `engine=` itself.
         transport: An `httpx2.AsyncBaseTransport` to forward through instead of the built-in
             pooled one (a mock, a cache, another engine). It is used as is and not closed by us.
+        cache: Cache responses in front of the upstream, as a shared cache (nginx
+            `proxy_cache`): True for the defaults (SQLite under `.cache/asgi-proxy-pass`), or a
+            `CacheConfig`. Needs the `cache` extra (hishel). `proxy.cache` is then the `Cache`,
+            for `purge()`; `aclose()` closes its storage. Default: False (docs/caching.md).
         next_upstream: When a failed attempt moves on to the next server of a pool (nginx
             `proxy_next_upstream`): any of `"error"`, `"timeout"`, `"invalid_header"`,
             `"http_500"`, `"http_502"`, `"http_503"`, `"http_504"`, `"http_403"`, `"http_404"`,
@@ -125,10 +137,14 @@ class ProxyPass:
         response_headers: Mapping[str, HeaderValue] | None = None,
         redirect: bool = True,
         max_body_size: int | None = None,
+        max_header_size: int = 32 * 1024,
+        max_headers: int = 100,
         verify: VerifyTypes = True,
         cert: CertTypes | None = None,
         limits: httpx2.Limits = DEFAULT_LIMITS,
+        engine: str | None = None,
         transport: httpx2.AsyncBaseTransport | None = None,
+        cache: bool | CacheConfig = False,
         next_upstream: Iterable[str] = ("error", "timeout"),
         next_upstream_tries: int = 0,
         next_upstream_timeout: float | None = None,
@@ -144,10 +160,12 @@ class ProxyPass:
                 raise ConfigError(
                     "verify: with an Upstream pool, give verify, cert and limits to the Upstream"
                 )
+            if engine is not None:
+                raise ConfigError("engine: with an Upstream pool, give engine= to the Upstream")
             self.pool, self._owns_pool = upstream, False
         elif isinstance(upstream, str):
             parse_upstream(upstream)  # errors name `upstream`, not the pool's `servers[0]`
-            self.pool = Upstream([upstream], verify=verify, cert=cert, limits=limits)
+            self.pool = Upstream([upstream], verify=verify, cert=cert, limits=limits, engine=engine)
             self._owns_pool = True
         else:
             raise ConfigError(f"upstream: expected a URL string or an Upstream, got {upstream!r}")
@@ -164,11 +182,17 @@ class ProxyPass:
         self.response_headers = _check_headers(response_headers, "response_headers")
         self.redirects = Redirects(_redirect_bases(self.pool)) if redirect else None
         self.max_body_size = _check_size(max_body_size, "max_body_size")
+        self.max_header_size = _check_size(max_header_size, "max_header_size") or 0
+        self.max_headers = _check_size(max_headers, "max_headers") or 0
         if transport is not None and not isinstance(transport, httpx2.AsyncBaseTransport):
             raise ConfigError(
                 f"transport: expected an httpx2.AsyncBaseTransport, got {transport!r}"
             )
         self._transport = transport
+        if not isinstance(cache, (bool, CacheConfig)):
+            raise ConfigError(f"cache: expected a bool or a CacheConfig, got {cache!r}")
+        config = CacheConfig() if cache is True else cache or None
+        self.cache: Cache | None = Cache(config, self.pool) if config is not None else None
         self.next_upstream = _check_next_upstream(next_upstream)
         if (
             isinstance(next_upstream_tries, bool)
@@ -235,8 +259,12 @@ class ProxyPass:
         return url
 
     def transport_for(self, server: Server) -> httpx2.AsyncBaseTransport:
-        """The transport requests to `server` go through: `transport=`, or the pool's."""
-        return self._transport or self.pool.transport_for(server)
+        """The transport requests to `server` go through: `transport=`, or the pool's; behind
+        the cache, if there is one."""
+        transport = self._transport or self.pool.transport_for(server)
+        if self.cache is not None:
+            return self.cache.transport(transport, server, self.pool, self.next_upstream)
+        return transport
 
     def ssl_context_for(self, server: UpstreamURL) -> ssl.SSLContext | None:
         """The TLS context for connecting to `server`, None for plain http."""
@@ -316,12 +344,14 @@ class ProxyPass:
         return scheme + b"://" + host + path
 
     async def aclose(self) -> None:
-        """Close the pooled upstream connections and health checks.
+        """Close the pooled upstream connections, health checks and the cache's storage.
 
         A `transport=` and a shared `Upstream` given by the user are left open: close them
         where they were made (`lifespan(proxy, pool)` does both).
         """
         self._started = False
+        if self.cache is not None:
+            await self.cache.aclose()
         if self._owns_pool:
             await self.pool.aclose()
 

@@ -41,6 +41,7 @@ from typing import Self
 import httpx2
 
 from ._balancing import STRATEGIES, Ring, least_conn, random_two, smooth_weighted
+from ._engine import check_engine, make_transport
 from ._errors import ConfigError, UpstreamError
 from ._health import HealthCheck, HealthChecker
 from ._tls import CertTypes, VerifyTypes, ssl_context
@@ -175,6 +176,9 @@ class Upstream:
         limits: The connection pool's `httpx2.Limits`, shared by all servers.
         clock: Seconds, monotonic, for `fail_timeout` and `last_checked`. Default
             `time.monotonic`; tests pass a fake.
+        engine: The HTTP engine: `"httptools"` (the default: our HTTP/1.1 client on uvicorn's
+            C parser) or `"httpx"` (httpx2's own transport, pure Python). See
+            docs/performance.md.
 
     Health state lives in this object, so each worker process keeps its own.
     """
@@ -190,6 +194,7 @@ class Upstream:
         cert: CertTypes | None = None,
         limits: httpx2.Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.monotonic,
+        engine: str | None = None,
     ) -> None:
         if isinstance(servers, (str, Server)) or not isinstance(servers, Iterable):
             raise ConfigError(
@@ -214,6 +219,7 @@ class Upstream:
         if not isinstance(limits, httpx2.Limits):
             raise ConfigError(f"limits: expected an httpx2.Limits, got {limits!r}")
         self.limits = limits
+        self.engine = check_engine(engine)
         if not callable(clock):
             raise ConfigError(f"clock: expected a function returning seconds, got {clock!r}")
         self._clock = clock
@@ -232,7 +238,7 @@ class Upstream:
                 server._owner = None
             raise
         self._rings: dict[bool, tuple[tuple[tuple[int, int], ...], Ring[Server]]] = {}
-        self._transports: dict[str | None, httpx2.AsyncHTTPTransport] = {}
+        self._transports: dict[str | None, httpx2.AsyncBaseTransport] = {}
         self._checker: HealthChecker | None = None
 
     def __repr__(self) -> str:
@@ -252,15 +258,25 @@ class Upstream:
             NoLiveUpstreams: no server can be chosen ("no live upstreams").
         """
         now = self._clock()
+        servers = self.servers
+        if len(servers) == 1 and not servers[0].backup:
+            # A pool of one (every ProxyPass given a URL): nothing to balance, no list to build.
+            server = servers[0]
+            if self._available(server, now, tried, not server.draining):
+                if now - server._checked > server.fail_timeout:
+                    server._checked = now
+                return server
+            raise NoLiveUpstreams("no live upstreams")
         single = self._single()
         for backup in (False, True):
-            tier = [server for server in self.servers if server.backup is backup]
+            tier = [server for server in servers if server.backup is backup]
             candidates = [s for s in tier if self._available(s, now, tried, single)]
             if candidates:
                 server = self._pick(backup, tier, candidates, scope)
                 if now - server._checked > server.fail_timeout:
                     server._checked = now  # opens a new window: this request is the probe
-                logger.debug("upstream: %s selected %s", self.strategy, server.url.address)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("upstream: %s selected %s", self.strategy, server.url.address)
                 return server
         raise NoLiveUpstreams("no live upstreams")
 
@@ -369,8 +385,8 @@ class Upstream:
         uds = server.url.uds
         transport = self._transports.get(uds)
         if transport is None:
-            transport = httpx2.AsyncHTTPTransport(
-                verify=self.ssl_context or True, trust_env=False, limits=self.limits, uds=uds
+            transport = make_transport(
+                self.engine, ssl_context=self.ssl_context, limits=self.limits, uds=uds
             )
             self._transports[uds] = transport
         return transport

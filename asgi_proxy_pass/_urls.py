@@ -211,6 +211,8 @@ def map_target(
 
     if strip:
         rest = b"/".join([b"", *segments[n:]]) if len(segments) > n else b""
+        # What is forwarded must not climb either, however the upstream reads it.
+        _check_decoded(rest, [""])
         base = (upstream_path or "/").encode()
         path = base if not rest else base.rstrip(b"/") + rest
     else:
@@ -251,12 +253,15 @@ def _decode(segment: bytes) -> bytes:
 
 
 def _check_decoded(raw_path: bytes, prefix_segments: list[str]) -> None:
-    # Second opinion, for upstreams that decode `%2F` or treat `\` as a separator before routing:
-    # the fully decoded path, split on both, must not leave the prefix either.
-    if b"%" not in raw_path and b"\\" not in raw_path:
+    # Second opinion, for upstreams that decode `%2F`, treat `\` as a separator or merge `//`
+    # before resolving dot segments (nginx, Go's path.Clean): the path read their way must not
+    # leave the prefix either.
+    if b"%" not in raw_path and b"\\" not in raw_path and b"//" not in raw_path:
         return
     decoded = _decode(raw_path).replace(b"\\", b"/")
-    segments = _remove_dot_segments(decoded.split(b"/"))
+    parts = decoded.split(b"/")
+    merged = [b"", *(part for part in parts[1:-1] if part), parts[-1]] if len(parts) > 1 else parts
+    segments = _remove_dot_segments(merged)
     n = len(prefix_segments)
     if segments[:n] != [p.encode() for p in prefix_segments]:
         raise PathError("the request path leaves the mount")

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import re
 import ssl
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
+from ._accesslog import record_attempt
 from ._errors import (
     BadRequest,
     ClientError,
@@ -334,10 +336,15 @@ class Opening:
         self.disconnected = False
 
     async def open(self, proxy: ProxyPass, server: UpstreamURL, scope: Scope) -> None:
+        started = time.monotonic()
         try:
             self.upstream = await open_upstream(proxy, server, scope)
         except (ClientError, UpstreamError) as exc:
             self.failure = exc
+            if isinstance(exc, UpstreamError):
+                record_attempt(scope, server.address, exc.status_code, started)
+        else:
+            record_attempt(scope, server.address, 101, started)
 
     async def watch_disconnect(self, receive: Receive, cancel_scope: anyio.CancelScope) -> None:
         while (await receive())["type"] != "websocket.disconnect":

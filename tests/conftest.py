@@ -12,11 +12,33 @@ import pytest  # noqa: E402
 import trustme  # noqa: E402
 from servers import Running, echo_app, serve  # noqa: E402
 
+from asgi_proxy_pass import _engine  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     # uvicorn, the servers under test, runs on asyncio only.
     return "asyncio"
+
+
+# The end-to-end HTTP modules run once per engine, as uvicorn runs its tests over h11 and
+# httptools: every wire rule must hold for both.
+ENGINE_MODULES = frozenset(
+    {"test_http", "test_failover", "test_tls", "test_faults", "test_hostile"}
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" in metafunc.fixturenames and metafunc.module.__name__ in ENGINE_MODULES:
+        metafunc.parametrize("engine", _engine.ENGINES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The HTTP engine of every `Upstream` and `ProxyPass` made without `engine=`."""
+    name: str = getattr(request, "param", _engine.DEFAULT_ENGINE)
+    monkeypatch.setattr(_engine, "DEFAULT_ENGINE", name)
+    return name
 
 
 @pytest.fixture

@@ -147,6 +147,10 @@ def test_map_target(
         (b"/api/..%2Fadmin", "/api", "leaves the mount"),
         (b"/api/..\\admin", "/api", "leaves the mount"),
         (b"/api/..%5cadmin", "/api", "leaves the mount"),
+        # Upstreams that merge slashes before resolving (nginx, Go) would climb out.
+        (b"/api//..", "/api", "leaves the mount"),
+        (b"/api/%2F..", "/api", "leaves the mount"),
+        (b"/api/x//../..", "/api", "leaves the mount"),
         (b"/api/a%zzb", "/api", "invalid percent-encoding"),
         (b"/api/a%2", "/api", "invalid percent-encoding"),
         (b"/api/a%00b", "/api", "NUL"),

@@ -109,9 +109,10 @@ class CacheConfig:
             are dropped beyond). 0 for none. Default 4 MiB.
         memory_entry_size: Responses with a larger body are read from the storage on every
             hit. Default 64 KiB.
-        memory_ttl: Seconds a copy in memory answers before the storage is read again: how
-            long another process sharing the storage (workers on one SQLite file, Redis) can
-            purge or replace an entry before this one sees it. None: until dropped. Default 1.
+        memory_ttl: Seconds a copy in memory answers before the storage confirms it again:
+            about how long another process sharing the storage (workers on one SQLite file,
+            Redis) can purge or replace an entry before this one sees it. None: until this
+            process drops it. Default 1.
     """
 
     path: str = ".cache/asgi-proxy-pass"

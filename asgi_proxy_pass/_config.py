@@ -20,6 +20,7 @@ in the same table. Nothing is listened on here.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import ssl
@@ -31,6 +32,7 @@ from typing import Any
 from ._errors import ConfigError
 from ._headers import TrustedProxies
 from ._keys import (
+    CACHE,
     HEALTH_CHECK,
     LOCATION,
     SERVER,
@@ -199,6 +201,8 @@ def _load_pool(name: str, table: Any, where: Where, base: str) -> Pool:
         servers.append(server)
     if isinstance(options["verify"], str):
         options["verify"] = _path(options["verify"], base)
+    if options["queue"] and not any(server["max_conns"] for server in servers):
+        raise where.error("queue", "no server has max_conns; a queue waits for one below it")
     health = None
     if options["health_check"] is not None:
         health_where = Where(where.source, f"[upstreams.{toml_key(name)}.health_check]")
@@ -239,8 +243,10 @@ def _load_locations(
                 f"no upstream named {toml_repr(target)}; expected a URL (http://...) or the "
                 f"name of an [upstreams.NAME] table ({known})",
             )
-        elif options["verify"] is not True:
-            raise where.error("verify", f"set verify in [upstreams.{toml_key(target)}]")
+        else:
+            for key, default in (("verify", True), ("engine", None)):
+                if options[key] is not default:
+                    raise where.error(key, f"set {key} in [upstreams.{toml_key(target)}]")
         if isinstance(options["verify"], str):
             options["verify"] = _path(options["verify"], base)
         bad = sorted(set(options["next_upstream"]) - NEXT_UPSTREAM)
@@ -250,5 +256,27 @@ def _load_locations(
                 f"unknown condition {toml_repr(bad[0])}; expected some of "
                 + ", ".join(sorted(NEXT_UPSTREAM)),
             )
+        options["cache"] = _load_cache(options["cache"], where, base)
         locations.append(Location(pattern, path, exact, where, options))
     return locations
+
+
+def _load_cache(value: bool | Mapping[str, Any], where: Where, base: str) -> dict[str, Any] | None:
+    """A location's `cache`: None when off, else `CacheConfig`'s arguments (`true`: defaults)."""
+    if value is False:
+        return None
+    table = {} if value is True else value
+    cache = check_table(table, CACHE, Where(where.source, where.table, "cache."))
+    cache["path"] = _path(cache["path"], base)
+    # hishel (and redis) are optional: a cache that cannot work is a mistake found now, not
+    # at the first request.
+    needs = [("hishel", "cache", "caching needs hishel", "cache")]
+    if cache["redis_url"] is not None:
+        needs.append(("redis", "cache.redis_url", "Redis storage needs redis", "cache-redis"))
+    for module, key, reason, extra in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            detail = f'{reason}; pip install "asgi-proxy-pass[{extra}]"'
+            raise where.error(key, detail) from None
+    return cache

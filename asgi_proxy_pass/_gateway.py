@@ -21,7 +21,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from . import _engine as _engines
 from ._accesslog import AccessLog
+from ._cache import CacheConfig
 from ._config import ENV_VAR, GatewayConfig, Location, Pool, load_config
 from ._errors import ConfigError
 from ._health import HealthCheck
@@ -112,7 +114,13 @@ def _pool(pool: Pool) -> Upstream:
     options = pool.options
     try:
         return Upstream(
-            servers, strategy=options["strategy"], health_check=health, verify=options["verify"]
+            servers,
+            strategy=options["strategy"],
+            health_check=health,
+            verify=options["verify"],
+            engine=options["engine"],
+            queue=options["queue"],
+            queue_timeout=options["queue_timeout"],
         )
     except ConfigError as exc:
         raise pool.where.relabel(exc) from None
@@ -143,10 +151,15 @@ def _proxy(
         "next_upstream_timeout": options["next_upstream_timeout"],
         "websocket_idle_timeout": options["websocket_idle_timeout"],
     }
+    if options["cache"] is not None:
+        try:
+            kwargs["cache"] = CacheConfig(**options["cache"])
+        except ConfigError as exc:
+            raise location.where.relabel(exc) from None
     target = options["proxy_pass"]
     try:
         if "://" in target:
-            return ProxyPass(target, verify=options["verify"], **kwargs)
+            return ProxyPass(target, verify=options["verify"], engine=options["engine"], **kwargs)
         return ProxyPass(pools[target], **kwargs)
     except ConfigError as exc:
         raise location.where.relabel(exc) from None
@@ -169,20 +182,28 @@ def describe(built: Gateway) -> str:
     for name, pool in built.pools.items():
         check = pool.health_check
         health = f", health check GET {check.path} every {check.interval:g}s" if check else ""
-        lines += ["", f"upstream {name}: {pool.strategy}{health}"]
+        queue = f", queue {pool.queue} for {pool.queue_timeout:g}s" if pool.queue else ""
+        lines += ["", f"upstream {name}: {pool.strategy}{_engine(pool)}{health}{queue}"]
         lines += [f"    {member!r}" for member in pool.servers]
     names = {id(pool): name for name, pool in built.pools.items()}
     rows = []
     for route in built.routes:
         proxy = built.proxies[route.pattern]
         pool_name = names.get(id(proxy.pool))
-        target = proxy.upstream.url if pool_name is None else f"upstream {pool_name}"
+        target = proxy.upstream.url + _engine(proxy.pool)
+        if pool_name is not None:
+            target = f"upstream {pool_name}"
         rows.append((route.pattern, target, _example(built.routes, route, proxy)))
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines += ["", "locations, in the order they are tried:"]
     for pattern, target, example in rows:
         lines.append(f"    {pattern:<{widths[0]}}  ->  {target:<{widths[1]}}  {example}".rstrip())
     return "\n".join(lines)
+
+
+def _engine(pool: Upstream) -> str:
+    # Shown only when it is not the one every pool uses unless told.
+    return "" if pool.engine == _engines.DEFAULT_ENGINE else f", engine {pool.engine}"
 
 
 def _example(routes: Routes, route: Route, proxy: ProxyPass) -> str:
@@ -193,6 +214,8 @@ def _example(routes: Routes, route: Route, proxy: ProxyPass) -> str:
     short = routes.match(route.mount)
     if not route.exact and short.redirect and short.route is route:
         example += f"; {route.mount} -> 301 {route.path}"
+    if proxy.cache is not None:
+        example += "; cached"
     if not route.websocket:
         example += "; no WebSockets"
     return example

@@ -8,13 +8,16 @@ listen on, a location's path, statuses) are here too.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._accesslog import DEFAULT_FORMAT, compile_format
 from ._balancing import STRATEGIES
+from ._cache import STALE_CONDITIONS
+from ._engine import ENGINES
 from ._errors import ConfigError
 from ._schema import (
     REQUIRED,
@@ -34,6 +37,7 @@ from ._schema import (
 )
 
 __all__ = [
+    "CACHE",
     "HEALTH_CHECK",
     "LOCATION",
     "SECTIONS",
@@ -115,6 +119,40 @@ def _table(value: Any) -> Mapping[str, Any]:
     raise Invalid(f"expected a table, got {toml_repr(value)}")
 
 
+def _cache(value: Any) -> bool | Mapping[str, Any]:
+    if isinstance(value, (bool, Mapping)):
+        return value
+    raise Invalid(f"expected true, false or a table, got {toml_repr(value)}")
+
+
+def _or_false(kind: Kind) -> Kind:
+    # TOML has no null: `false` turns off a limit that is on by default (None in CacheConfig).
+    expected = f"{kind.expected.removesuffix(')')}, or false)"
+    expected = expected if kind.expected.endswith(")") else f"{kind.expected} or false"
+
+    def check(value: Any) -> Any:
+        if value is False:
+            return None
+        try:
+            return kind.check(value)
+        except Invalid:
+            raise Invalid(f"expected {expected}, got {toml_repr(value)}") from None
+
+    return Kind(expected, check)
+
+
+def _some_of(choices: Iterable[str]) -> Kind:
+    allowed = sorted(choices)
+    expected = "an array of " + ", ".join(json.dumps(choice) for choice in allowed)
+
+    def check(value: Any) -> tuple[str, ...]:
+        if isinstance(value, list) and all(item in allowed for item in value):
+            return tuple(value)
+        raise Invalid(f"expected {expected}, got {toml_repr(value)}")
+
+    return Kind(expected, check)
+
+
 def _servers(value: Any) -> list[Any]:
     if isinstance(value, list) and value:
         return value
@@ -162,6 +200,16 @@ UPSTREAM = (
         "(nginx `proxy_ssl_verify`, `proxy_ssl_trusted_certificate`)."),
     Key("health_check", Kind("a table", _table), None,
         "Active health checks, a table with the keys below. Unset: passive checks only."),
+    Key("engine", one_of(ENGINES), None,
+        'The HTTP client: `"httptools"` (HTTP/1.1 on uvicorn\'s C parser) or `"httpx"` '
+        "(httpx2's own transport); see [Performance](performance.md).",
+        '`"httptools"`'),
+    Key("queue", integer(0), 0,
+        "Requests that may wait when every server is at its `max_conns`; more get 503 at "
+        "once (nginx Plus `queue`)."),
+    Key("queue_timeout", seconds, 60,
+        "Seconds a queued request waits for a server before it gets 503 (nginx Plus "
+        "`queue ... timeout=`)."),
 )  # fmt: skip
 
 SERVER_ENTRY = (
@@ -173,6 +221,9 @@ SERVER_ENTRY = (
     Key("fail_timeout", seconds, 10, "Seconds it stays out (nginx `fail_timeout=`)."),
     Key("backup", boolean, False, "Used only when no other server can be (nginx `backup`)."),
     Key("down", boolean, False, "Never used (nginx `down`)."),
+    Key("max_conns", integer(0), 0,
+        "Requests and WebSockets it serves at once; a busy server is skipped, and when all "
+        "are busy a request waits in the pool's `queue`. 0: no limit (nginx `max_conns=`)."),
 )  # fmt: skip
 
 HEALTH_CHECK = (
@@ -227,6 +278,61 @@ LOCATION = (
         "Seconds after which no other server is tried (nginx `proxy_next_upstream_timeout`)."),
     Key("verify", _bool_or_path("true, false or a CA bundle path"), True,
         "TLS verification of an `https://` URL; for a pool, set it in `[upstreams.NAME]`."),
+    Key("engine", one_of(ENGINES), None,
+        "The HTTP client of a URL, as in `[upstreams.NAME]`; for a pool, set it there.",
+        '`"httptools"`'),
+    Key("cache", Kind("true, false or a table", _cache), False,
+        "Cache responses (nginx `proxy_cache`): `true` for the defaults, or a table with the "
+        "keys below. Needs `pip install \"asgi-proxy-pass[cache]\"`; see "
+        "[Caching](caching.md)."),
+)  # fmt: skip
+
+# One key per `CacheConfig` field (a test keeps them equal); the kinds are TOML's, where
+# `false` stands for CacheConfig's None ("no limit").
+CACHE = (
+    Key("path", string, ".cache/asgi-proxy-pass",
+        "Directory of the SQLite database, relative to this file; created if missing (nginx "
+        "`proxy_cache_path`)."),
+    Key("redis_url", string, None,
+        'Store in Redis 7 instead, `"redis://host:6379/0"`, shared by workers and hosts. '
+        'Needs `pip install "asgi-proxy-pass[cache-redis]"`.'),
+    Key("redis_prefix", string, "asgi-proxy-pass", "Prefix of every Redis key."),
+    Key("key", string, "$scheme://$host$request_uri",
+        "The cache key, with `$scheme`, `$host`, `$request_uri`, `$uri`, `$args` and "
+        "`$http_NAME` (nginx `proxy_cache_key`)."),
+    Key("max_size", _or_false(size), 1024**3,
+        "Bytes the SQLite database may use; least recently used entries are evicted beyond "
+        "(nginx `max_size`). For Redis, use its `maxmemory`.", "`\"1g\"`"),
+    Key("max_entry_size", _or_false(size), 10 * 1024**2,
+        "Larger responses stream through and are not stored.", "`\"10m\"`"),
+    Key("inactive", _or_false(seconds), 600,
+        "Seconds after which an entry nobody asked for is removed, fresh or not (nginx "
+        "`inactive`); `false`: kept until `max_ttl` or eviction."),
+    Key("max_ttl", seconds, None,
+        "Seconds after which an entry is removed whatever its headers say."),
+    Key("use_stale", _some_of(STALE_CONDITIONS), [],
+        "When the upstream fails, answer with a stale entry: `error`, `timeout`, "
+        "`http_502` ... (nginx `proxy_cache_use_stale`). A response's own `stale-if-error` "
+        "counts either way."),
+    Key("lock", boolean, True,
+        "Concurrent misses of one key wait for the first one's response (nginx "
+        "`proxy_cache_lock`)."),
+    Key("lock_timeout", seconds, 5,
+        "Seconds a request waits for it before going upstream itself (nginx "
+        "`proxy_cache_lock_timeout`)."),
+    Key("store_set_cookie", boolean, False,
+        "Store responses that carry `Set-Cookie`, cookie included (nginx never does)."),
+    Key("status_header", _or_false(string), "X-Cache-Status",
+        "Response header saying `HIT`, `MISS`, `EXPIRED`, `REVALIDATED`, `STALE` or `BYPASS` "
+        "(nginx `$upstream_cache_status`); `false` sends none."),
+    Key("memory_size", size, 4 * 1024**2,
+        "Bytes of small responses each worker keeps whole in memory in front of the storage; "
+        "0 for none.", "`\"4m\"`"),
+    Key("memory_entry_size", size, 64 * 1024,
+        "Responses with a larger body are read from the storage on every hit.", "`\"64k\"`"),
+    Key("memory_ttl", _or_false(seconds), 1,
+        "Seconds a copy in memory answers before the storage is read again (how soon a purge "
+        "by another worker is seen); `false`: until dropped."),
 )  # fmt: skip
 
 SECTIONS = (
@@ -248,6 +354,11 @@ SECTIONS = (
         '[locations."PATH"]',
         'A route, like nginx\'s `location`: `"/api/"` is a prefix, `"= /health"` an exact path.',
         LOCATION,
+    ),
+    Section(
+        '[locations."PATH".cache]',
+        "A location's response cache, when `cache` is a table: the fields of `CacheConfig`.",
+        CACHE,
     ),
 )
 

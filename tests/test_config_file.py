@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from asgi_proxy_pass._cache import CacheConfig
 from asgi_proxy_pass._cli import main
 from asgi_proxy_pass._config import load_config
 from asgi_proxy_pass._errors import ConfigError
 from asgi_proxy_pass._gateway import build
-from asgi_proxy_pass._keys import SECTIONS
-from asgi_proxy_pass._schema import reference
+from asgi_proxy_pass._keys import CACHE, SECTIONS
+from asgi_proxy_pass._schema import Where, check_table, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "config-reference.md"
@@ -30,17 +32,33 @@ listen = "127.0.0.1:8080"
 trusted_proxies = ["10.0.0.0/8"]
 
 [upstreams.api]
-servers = ["http://127.0.0.1:9000/", { url = "http://127.0.0.1:9001/", weight = 2 }]
+servers = [
+    "http://127.0.0.1:9000/",
+    { url = "http://127.0.0.1:9001/", weight = 2, max_conns = 8 },
+]
 strategy = "least_conn"
 health_check = { path = "/healthz", interval = 5, expect_status = [200, 204] }
+engine = "httpx"
+queue = 20
+queue_timeout = 2.5
 
 [locations."/api/"]
 proxy_pass = "api"
 request_headers = { X-Source = "gateway", Cookie = "" }
 max_body_size = "10m"
 
+[locations."/api/".cache]
+path = "cache"
+max_size = "100m"
+inactive = false
+use_stale = ["error", "http_502"]
+status_header = "X-Cached"
+lock_timeout = 1
+
 [locations."= /health"]
 proxy_pass = "http://127.0.0.1:9100/status"
+engine = "httpx"
+cache = true
 
 [locations."/"]
 proxy_pass = "http://127.0.0.1:9100"
@@ -129,6 +147,54 @@ MISTAKES = {
         LOCATION + 'next_upstream = ["eror"]\n',
         '[locations."/"] next_upstream: unknown condition "eror"; expected some of error,',
     ),
+    "engine on a pool location": (
+        POOL + '[locations."/"]\nproxy_pass = "api"\nengine = "httpx"\n',
+        '[locations."/"] engine: set engine in [upstreams.api]',
+    ),
+    "bad engine": (
+        POOL + 'engine = "curl"\n' + LOCATION,
+        '[upstreams.api] engine: expected one of "httptools", "httpx", got "curl"',
+    ),
+    "bad max_conns": (
+        '[upstreams.api]\nservers = [{ url = "http://a:1/", max_conns = -1 }]\n' + LOCATION,
+        "[upstreams.api] servers[0].max_conns: expected an integer >= 0, got -1",
+    ),
+    "bad queue": (
+        POOL + "queue = 1.5\n" + LOCATION,
+        "[upstreams.api] queue: expected an integer >= 0, got 1.5",
+    ),
+    "queue without max_conns": (
+        POOL + "queue = 10\n" + LOCATION,
+        "[upstreams.api] queue: no server has max_conns; a queue waits for one below it",
+    ),
+    "bad queue_timeout": (
+        POOL + "queue_timeout = 0\n" + LOCATION,
+        "[upstreams.api] queue_timeout: expected positive seconds (a number), got 0",
+    ),
+    "bad cache": (
+        LOCATION + 'cache = "on"\n',
+        '[locations."/"] cache: expected true, false or a table, got "on"',
+    ),
+    "unknown cache key": (
+        LOCATION + "cache = { max_sise = 1 }\n",
+        '[locations."/"] cache.max_sise: unknown key; did you mean max_size? expected one of',
+    ),
+    "bad cache value": (
+        LOCATION + '[locations."/".cache]\ninactive = "10m"\n',
+        '[locations."/"] cache.inactive: expected positive seconds (a number, or false), got "10m"',
+    ),
+    "bad cache condition": (
+        LOCATION + 'cache = { use_stale = ["eror"] }\n',
+        '[locations."/"] cache.use_stale: expected an array of "error", "http_403",',
+    ),
+    "bad cache key variable": (
+        LOCATION + 'cache = { key = "$host$path" }\n',
+        '[locations."/"] cache.key: unknown variable $path; expected $scheme, $host,',
+    ),
+    "bad cache redis_url": (
+        LOCATION + 'cache = { redis_url = "http://r:6379" }\n',
+        '[locations."/"] cache.redis_url: expected a redis://, rediss:// or unix:// URL',
+    ),
     "verify on a pool location": (
         POOL + '[locations."/"]\nproxy_pass = "api"\nverify = false\n',
         '[locations."/"] verify: set verify in [upstreams.api]',
@@ -195,6 +261,41 @@ def test_a_good_file_resolves(tmp_path: Path) -> None:
     assert api.request_headers == [(b"x-source", "gateway"), (b"cookie", None)]
     assert api.trusted_proxies.trusts("10.1.2.3")
     assert built.proxies["/"].timeout.read == 60
+    assert [server.max_conns for server in pool.servers] == [0, 8]
+    assert (pool.engine, pool.queue, pool.queue_timeout) == ("httpx", 20, 2.5)
+    health = built.proxies["= /health"]
+    assert health.pool.engine == "httpx" and built.proxies["/"].pool.engine == "httptools"
+    assert api.cache is not None and api.cache.config == CacheConfig(
+        path=str(tmp_path / "cache"),
+        max_size=100 * 1024**2,
+        inactive=None,
+        use_stale=["error", "http_502"],
+        status_header="X-Cached",
+        lock_timeout=1,
+    )
+    assert health.cache is not None
+    assert health.cache.config == CacheConfig(path=str(tmp_path / ".cache/asgi-proxy-pass"))
+    assert built.proxies["/"].cache is None
+
+
+@pytest.mark.parametrize("module,message", [
+    ("hishel", 'cache: caching needs hishel; pip install "asgi-proxy-pass[cache]"'),
+    ("redis", 'cache.redis_url: Redis storage needs redis; pip install "asgi-proxy-pass[cache-'),
+])  # fmt: skip
+def test_a_cache_without_its_extra_fails_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, message: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    path = write(tmp_path, LOCATION + 'cache = { redis_url = "redis://127.0.0.1:6379/0" }\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f'{path}: [locations."/"] {message}')
+
+
+def test_the_cache_keys_are_cache_configs_fields() -> None:
+    # A CacheConfig field the file cannot set (or the reference does not show) fails here.
+    assert [key.name for key in CACHE] == [field.name for field in fields(CacheConfig)]
+    assert CacheConfig(**check_table({}, CACHE, Where("config", "[cache]"))) == CacheConfig()
 
 
 def test_the_example_file_is_valid() -> None:
@@ -215,12 +316,20 @@ def test_check_prints_the_route_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["--config", str(path), "--check"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: the configuration is valid\n")
-    assert "upstream api: least_conn, health check GET /healthz every 5s" in out
-    assert "    Server('http://127.0.0.1:9001/', weight=2)" in out
+    assert (
+        "upstream api: least_conn, engine httpx, health check GET /healthz every 5s, "
+        "queue 20 for 2.5s\n"
+    ) in out
+    assert "    Server('http://127.0.0.1:9001/', weight=2, max_conns=8)" in out
     table = out.split("locations, in the order they are tried:\n")[1].splitlines()
     assert [re.split(r"\s{2,}", line.strip()) for line in table] == [
-        ["= /health", "->", "http://127.0.0.1:9100/status", "/health -> /status"],
-        ["/api/", "->", "upstream api", "/api/x -> /x; /api -> 301 /api/"],
+        [
+            "= /health",
+            "->",
+            "http://127.0.0.1:9100/status, engine httpx",
+            "/health -> /status; cached",
+        ],
+        ["/api/", "->", "upstream api", "/api/x -> /x; /api -> 301 /api/; cached"],
         ["/", "->", "http://127.0.0.1:9100", "/x -> /x; no WebSockets"],
     ]
 

@@ -138,6 +138,31 @@ async def test_websockets_per_location() -> None:
             assert info.value.response.status_code == 403
 
 
+async def test_a_cached_location_answers_from_the_cache(
+    tmp_path: Path, client: httpx2.AsyncClient
+) -> None:
+    pytest.importorskip("hishel")
+    calls: list[str] = []
+
+    async def origin(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append(scope["path"])
+        headers = [(b"cache-control", b"max-age=60"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serve(origin) as upstream:
+        cache = {"path": str(tmp_path / "cache")}
+        config = {"locations": {"/": {"proxy_pass": upstream.url, "cache": cache}}}
+        async with front(config) as gw:
+            statuses = []
+            for _ in range(2):
+                r = await client.get(f"{gw.url}/page")
+                assert (r.status_code, r.text) == (200, "ok")
+                statuses.append(r.headers["x-cache-status"])
+    assert statuses == ["MISS", "HIT"]
+    assert calls == ["/page"]
+
+
 def dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

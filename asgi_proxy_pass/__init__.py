@@ -22,7 +22,7 @@ from ._errors import (
 from ._gateway import gateway
 from ._health import HealthCheck
 from ._proxy import DEFAULT_TIMEOUT, ProxyPass, lifespan
-from ._upstream import DEFAULT_LIMITS, NoLiveUpstreams, Server, Upstream
+from ._upstream import DEFAULT_LIMITS, NoLiveUpstreams, Server, Upstream, UpstreamsBusy
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "UpstreamRefused",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UpstreamsBusy",
     "__version__",
     "gateway",
     "lifespan",

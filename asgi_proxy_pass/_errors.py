@@ -13,6 +13,7 @@
         ├── UpstreamConnectError        502: refused, DNS, TLS
         ├── UpstreamTimeout             504: connect, read or write timeout
         ├── UpstreamUnavailable         503: no connection free in the pool in time
+        │   └── UpstreamsBusy           503: every server at max_conns, queue full or timed out
         ├── UpstreamProtocolError       502: invalid or truncated response
         ├── UpstreamRefused             its own status: a WebSocket handshake refused
         └── NoLiveUpstreams             502: no server of the pool can be chosen (_upstream.py)
@@ -24,9 +25,8 @@ aborted so that a truncated body is never presented as complete.
 
 from __future__ import annotations
 
-import contextlib
 import ssl
-from collections.abc import Iterator
+from types import TracebackType
 
 import httpx2
 
@@ -168,23 +168,40 @@ _TABLE: tuple[tuple[type[Exception], type[UpstreamError]], ...] = (
 )
 
 
-@contextlib.contextmanager
-def map_upstream_errors() -> Iterator[None]:
-    """Re-raise transport exceptions as `UpstreamError` subclasses, `from` the original.
+class _MapUpstreamErrors:
+    # A plain class rather than `@contextlib.contextmanager`: it is entered twice per request,
+    # and a generator-based context manager costs a generator and two frames each time.
+    __slots__ = ()
 
-    Our own exceptions (a client that went away while its body was streamed upstream) pass
-    through unchanged.
-    """
-    try:
-        yield
-    except ProxyPassError:
-        raise
-    except Exception as exc:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, ProxyPassError):
+            return
         for source, target in _TABLE:
             if isinstance(exc, source):
                 raise target(_describe(exc)) from exc
         # A custom transport's own bug: still a 502 and a log line (with the traceback).
         raise UpstreamError(f"unexpected error in the transport: {_describe(exc)}") from exc
+
+
+_MAP_UPSTREAM_ERRORS = _MapUpstreamErrors()
+
+
+def map_upstream_errors() -> _MapUpstreamErrors:
+    """Re-raise transport exceptions as `UpstreamError` subclasses, `from` the original.
+
+    Our own exceptions (a client that went away while its body was streamed upstream) pass
+    through unchanged, and so do `BaseException`s that are not `Exception`s (a cancellation).
+    The context manager holds no state: one instance serves every request.
+    """
+    return _MAP_UPSTREAM_ERRORS
 
 
 def _describe(exc: Exception) -> str:

@@ -35,7 +35,7 @@ from ._errors import (
 from ._failover import Attempt, Budget, classify, counts_as_failure, status_condition
 from ._headers import Headers, response_headers
 from ._types import Receive, Scope, Send
-from ._upstream import NoLiveUpstreams, Server
+from ._upstream import NoLiveUpstreams, Server, UpstreamsBusy
 
 if TYPE_CHECKING:
     from ._proxy import ProxyPass
@@ -73,34 +73,64 @@ class RequestBody(httpx2.AsyncByteStream):
         """Whether every byte received so far can be sent again."""
         return self.kept is not None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.iterated:
-            if self.kept is None:
-                raise RuntimeError("the request body was partly sent and cannot be replayed")
-            for chunk in list(self.kept):
-                yield chunk
-        self.iterated = True
-        while not self.finished:
-            message = await self.receive()
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return BodyChunks(self)
+
+
+class BodyChunks:
+    """One pass over a `RequestBody`: what it kept first (a replay), then `receive()`.
+
+    A class rather than an async generator: the event loop registers every async generator in
+    a weak set on its first iteration, a cost on each request.
+    """
+
+    __slots__ = ("body", "done", "replay", "started")
+
+    def __init__(self, body: RequestBody) -> None:
+        self.body = body
+        self.started = False
+        self.done = False
+        self.replay: list[bytes] = []
+
+    def __aiter__(self) -> BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = self.body
+        if not self.started:
+            self.started = True
+            if body.iterated:
+                if body.kept is None:
+                    self.done = True
+                    raise RuntimeError("the request body was partly sent and cannot be replayed")
+                self.replay = body.kept[::-1]
+            body.iterated = True
+        if self.replay:
+            return self.replay.pop()
+        while not self.done and not body.finished:
+            message = await body.receive()
             if message["type"] == "http.disconnect":
-                self.finished = True
+                body.finished = self.done = True
                 raise ClientDisconnected("the client closed the connection while sending its body")
             data: bytes = message.get("body", b"")
             if not message.get("more_body", False):
-                self.finished = True
-                finished, self.on_finished = self.on_finished, None
+                body.finished = True
+                finished, body.on_finished = body.on_finished, None
                 if finished is not None:
                     finished()
             if data:
-                self.received += len(data)
-                if self.max_size is not None and self.received > self.max_size:
-                    raise BodyTooLarge(f"the request body is larger than {self.max_size} bytes")
-                if self.kept is not None:
-                    if self.received <= self.replay_limit:
-                        self.kept.append(data)
+                body.received += len(data)
+                if body.max_size is not None and body.received > body.max_size:
+                    self.done = True
+                    raise BodyTooLarge(f"the request body is larger than {body.max_size} bytes")
+                if body.kept is not None:
+                    if body.received <= body.replay_limit:
+                        body.kept.append(data)
                     else:
-                        self.kept = None
-                yield data
+                        body.kept = None
+                return data
+        self.done = True
+        raise StopAsyncIteration
 
 
 def body_framing(
@@ -331,6 +361,12 @@ class Exchange:
         while True:
             try:
                 server = pool.select(scope, tried)
+            except UpstreamsBusy as exc:
+                if await pool.wait_for_slot():
+                    continue
+                logger.error("%s %s: %s; answered 503", method, scope["path"], exc)
+                await self.answer(exc)
+                return None
             except NoLiveUpstreams as exc:
                 if failure is None:
                     logger.error("%s %s: %s; answered 502", method, scope["path"], exc)

@@ -29,6 +29,8 @@ unavailable: every request tries it again (nginx does the same).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import math
 import random
@@ -42,13 +44,20 @@ import httpx2
 
 from ._balancing import STRATEGIES, Ring, least_conn, random_two, smooth_weighted
 from ._engine import check_engine, make_transport
-from ._errors import ConfigError, UpstreamError
+from ._errors import ConfigError, UpstreamError, UpstreamUnavailable
 from ._health import HealthCheck, HealthChecker
 from ._tls import CertTypes, VerifyTypes, ssl_context
 from ._types import Scope
 from ._urls import UpstreamURL, parse_upstream
 
-__all__ = ["DEFAULT_LIMITS", "HealthCheck", "NoLiveUpstreams", "Server", "Upstream"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "HealthCheck",
+    "NoLiveUpstreams",
+    "Server",
+    "Upstream",
+    "UpstreamsBusy",
+]
 
 logger = logging.getLogger("asgi_proxy_pass")
 
@@ -67,6 +76,11 @@ class NoLiveUpstreams(UpstreamError):
     """
 
 
+class UpstreamsBusy(UpstreamUnavailable):
+    """Every server that could serve is at its `max_conns`, and the queue is full or the wait
+    timed out (503)."""
+
+
 class Server:
     """One server of an `Upstream` pool (nginx `server address [parameters];`).
 
@@ -79,6 +93,9 @@ class Server:
         fail_timeout: Seconds a failed server stays out. Default 10 (nginx `fail_timeout=10s`).
         backup: Chosen only when no primary server can be (nginx `backup`). Default False.
         down: Never chosen while True; may be changed at run time (nginx `down`). Default False.
+        max_conns: Requests and WebSockets it may serve at once; a busy server is skipped, and
+            when every server is busy a request waits in the pool's queue (nginx `max_conns`
+            and `queue`). Default 0: no limit.
 
     Besides the arguments, these attributes describe it at run time: `url` (the parsed
     `UpstreamURL`), `in_flight` (requests and WebSockets using it now), `requests` (times it was
@@ -97,6 +114,7 @@ class Server:
         fail_timeout: float = 10.0,
         backup: bool = False,
         down: bool = False,
+        max_conns: int = 0,
     ) -> None:
         try:
             self.url: UpstreamURL = parse_upstream(url, argument="url")
@@ -120,6 +138,9 @@ class Server:
                 raise ConfigError(f"{name}: expected a bool, got {value!r} for {url!r}")
         self.backup = backup
         self.down = down
+        if isinstance(max_conns, bool) or not isinstance(max_conns, int) or max_conns < 0:
+            raise ConfigError(f"max_conns: expected an integer >= 0, got {max_conns!r} for {url!r}")
+        self.max_conns = max_conns
         self.draining = False
         self.in_flight = 0
         self.requests = 0
@@ -140,7 +161,12 @@ class Server:
     def __repr__(self) -> str:
         options = "".join(
             f", {name}={getattr(self, name)!r}"
-            for name, default in (("weight", 1), ("max_fails", 1), ("fail_timeout", 10.0))
+            for name, default in (
+                ("weight", 1),
+                ("max_fails", 1),
+                ("fail_timeout", 10.0),
+                ("max_conns", 0),
+            )
             if getattr(self, name) != default
         )
         flags = "".join(f", {name}=True" for name in ("backup", "down") if getattr(self, name))
@@ -176,6 +202,9 @@ class Upstream:
         limits: The connection pool's `httpx2.Limits`, shared by all servers.
         clock: Seconds, monotonic, for `fail_timeout` and `last_checked`. Default
             `time.monotonic`; tests pass a fake.
+        queue: Requests that may wait for a server below its `max_conns` when every server is
+            busy (nginx Plus `queue`); more get 503 at once. Default 0: no waiting.
+        queue_timeout: Seconds a queued request waits before it gets 503. Default 60 (nginx).
         engine: The HTTP engine: `"httptools"` (the default: our HTTP/1.1 client on uvicorn's
             C parser) or `"httpx"` (httpx2's own transport, pure Python). See
             docs/performance.md.
@@ -195,6 +224,8 @@ class Upstream:
         limits: httpx2.Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.monotonic,
         engine: str | None = None,
+        queue: int = 0,
+        queue_timeout: float = 60.0,
     ) -> None:
         if isinstance(servers, (str, Server)) or not isinstance(servers, Iterable):
             raise ConfigError(
@@ -240,6 +271,15 @@ class Upstream:
         self._rings: dict[bool, tuple[tuple[tuple[int, int], ...], Ring[Server]]] = {}
         self._transports: dict[str | None, httpx2.AsyncBaseTransport] = {}
         self._checker: HealthChecker | None = None
+        if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
+            raise ConfigError(f"queue: expected an integer >= 0, got {queue!r}")
+        if isinstance(queue_timeout, bool) or not isinstance(queue_timeout, (int, float)):
+            raise ConfigError(f"queue_timeout: expected positive seconds, got {queue_timeout!r}")
+        if queue_timeout <= 0:
+            raise ConfigError(f"queue_timeout: expected positive seconds, got {queue_timeout!r}")
+        self.queue = queue
+        self.queue_timeout = float(queue_timeout)
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def __repr__(self) -> str:
         urls = [server.url.url for server in self.servers]
@@ -266,7 +306,7 @@ class Upstream:
                 if now - server._checked > server.fail_timeout:
                     server._checked = now
                 return server
-            raise NoLiveUpstreams("no live upstreams")
+            raise self._none_left(now, tried)
         single = self._single()
         for backup in (False, True):
             tier = [server for server in servers if server.backup is backup]
@@ -278,7 +318,37 @@ class Upstream:
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug("upstream: %s selected %s", self.strategy, server.url.address)
                 return server
-        raise NoLiveUpstreams("no live upstreams")
+        raise self._none_left(now, tried)
+
+    def _none_left(self, now: float, tried: Collection[Server]) -> UpstreamError:
+        # Busy (503, worth queueing for) if some server is out only for its max_conns.
+        busy = [s for s in self.servers if s.max_conns and s.in_flight >= s.max_conns]
+        for server in busy:
+            server.in_flight, saved = 0, server.in_flight
+            try:
+                if self._available(server, now, tried, self._single()):
+                    return UpstreamsBusy("every server is at its max_conns")
+            finally:
+                server.in_flight = saved
+        return NoLiveUpstreams("no live upstreams")
+
+    async def wait_for_slot(self) -> bool:
+        """Wait in the queue until a busy server releases a request (nginx Plus `queue`).
+
+        Returns False at once when the queue is full, or after `queue_timeout` seconds.
+        """
+        if len(self._queue) >= self.queue:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.queue_timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
 
     def can_select(self, tried: Collection[Server] = ()) -> bool:
         """Whether `select(scope, tried)` would find a server, without choosing one."""
@@ -294,6 +364,11 @@ class Upstream:
     def release(self, server: Server) -> None:
         """Count a request or WebSocket on `server` as finished, whatever its outcome."""
         server.in_flight -= 1
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # its request tries select() again
+                break
 
     def record_failure(self, server: Server, reason: str) -> None:
         """Count a failed attempt (nginx `proxy_next_upstream` cases: error, timeout, ...).
@@ -371,6 +446,7 @@ class Upstream:
                 "weight": server.weight,
                 "effective_weight": server.effective_weight,
                 "in_flight": server.in_flight,
+                "max_conns": server.max_conns,
                 "requests": server.requests,
                 "fails": server.fails,
                 "last_error": server.last_error,
@@ -435,6 +511,8 @@ class Upstream:
         if server.down or server.draining or server in tried:
             return False
         if self.health_check is not None and not server.healthy:
+            return False
+        if server.max_conns and server.in_flight >= server.max_conns:
             return False
         return single or not _failed(server, now)
 

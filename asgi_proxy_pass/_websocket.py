@@ -63,7 +63,7 @@ from ._errors import (
 from ._failover import Attempt, classify, counts_as_failure, status_condition
 from ._headers import Headers, response_headers
 from ._types import Receive, Scope, Send
-from ._upstream import NoLiveUpstreams, Server
+from ._upstream import NoLiveUpstreams, Server, UpstreamsBusy
 from ._urls import UpstreamURL
 
 if TYPE_CHECKING:
@@ -257,6 +257,11 @@ async def handle_websocket(proxy: ProxyPass, scope: Scope, receive: Receive, sen
     while True:
         try:
             server = pool.select(scope, tried)
+        except UpstreamsBusy as exc:
+            if await pool.wait_for_slot():
+                continue
+            await refuse(proxy, None, scope, send, exc)
+            return
         except NoLiveUpstreams as exc:
             last = tried[-1].url if tried else None
             await refuse(proxy, last, scope, send, failure or exc)

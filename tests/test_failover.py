@@ -389,3 +389,73 @@ def test_config_errors() -> None:
         ProxyPass("http://a:1", next_upstream_tries=-1)
     with pytest.raises(ValueError, match="^upstream: expected a URL string or an Upstream"):
         ProxyPass(3)  # type: ignore[arg-type]
+
+
+def held(name: str, gate: asyncio.Event, entered: asyncio.Event) -> ASGIApp:
+    """An upstream whose requests wait for `gate`, signalling `entered` as each arrives."""
+    inner = named(name)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        entered.set()
+        await gate.wait()
+        await inner(scope, receive, send)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("queue", "queue_timeout", "second"),
+    [(0, 60.0, 503), (1, 0.2, 503), (1, 30.0, 200)],
+)
+async def test_max_conns_and_queue(
+    client: httpx2.AsyncClient, queue: int, queue_timeout: float, second: int
+) -> None:
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with upstreams(held("a", gate, entered)) as [a]:
+        pool = Upstream([Server(a.url, max_conns=1)], queue=queue, queue_timeout=queue_timeout)
+        async with front(ProxyPass(pool), mount=None) as running:
+            first = asyncio.create_task(client.get(running.url + "/"))
+            await entered.wait()
+            assert pool.status()[0]["in_flight"] == 1
+            if second == 200:
+                # Queued: it is served once the first request releases its slot.
+                queued = asyncio.Event()
+                wait_for_slot = pool.wait_for_slot
+
+                async def spy() -> bool:
+                    queued.set()
+                    return await wait_for_slot()
+
+                pool.wait_for_slot = spy  # type: ignore[method-assign]
+                waiting = asyncio.create_task(client.get(running.url + "/"))
+                await queued.wait()
+                gate.set()
+                assert (await waiting).status_code == 200
+            else:
+                response = await client.get(running.url + "/")
+                assert response.status_code == 503
+                gate.set()
+            assert (await first).status_code == 200
+        await pool.aclose()
+
+
+async def test_busy_server_is_skipped(client: httpx2.AsyncClient) -> None:
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with upstreams(held("a", gate, entered), named("b")) as [a, b]:
+        pool = Upstream([Server(a.url, max_conns=1), b.url])
+        async with front(ProxyPass(pool), mount=None) as running:
+            first = asyncio.create_task(client.get(running.url + "/"))
+            await entered.wait()
+            assert await names(client, running.url + "/", 3) == ["b"] * 3
+            gate.set()
+            assert (await first).json()["server"] == "a"
+        await pool.aclose()
+
+
+def test_max_conns_and_queue_validation() -> None:
+    with pytest.raises(ValueError, match="^max_conns: expected an integer >= 0"):
+        Server("http://a:1", max_conns=-1)
+    with pytest.raises(ValueError, match="^queue: expected an integer >= 0"):
+        Upstream(["http://a:1"], queue=-1)
+    with pytest.raises(ValueError, match="^queue_timeout: expected positive seconds"):
+        Upstream(["http://a:1"], queue_timeout=0)

@@ -33,6 +33,7 @@ import anyio.to_thread
 import httpx2
 
 from ._errors import ConfigError
+from ._failover import FAILURE_CONDITIONS
 
 if TYPE_CHECKING:
     from hishel import AsyncBaseStorage
@@ -45,20 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["STALE_CONDITIONS", "Cache", "CacheConfig", "KeyTemplate"]
 
 #: nginx `proxy_cache_use_stale` conditions (without `updating`).
-STALE_CONDITIONS = frozenset(
-    {
-        "error",
-        "timeout",
-        "invalid_header",
-        "http_500",
-        "http_502",
-        "http_503",
-        "http_504",
-        "http_403",
-        "http_404",
-        "http_429",
-    }
-)
+STALE_CONDITIONS = FAILURE_CONDITIONS
 #: The file name of the SQLite database inside `CacheConfig.path`.
 SQLITE_FILE = "cache.db"
 #: Transport wrappers kept (`Cache.transport`) before starting again.

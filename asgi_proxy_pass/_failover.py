@@ -32,6 +32,8 @@ from ._errors import (
 )
 
 __all__ = [
+    "FAILURE_CONDITIONS",
+    "NEXT_UPSTREAM",
     "NON_IDEMPOTENT",
     "Attempt",
     "Budget",
@@ -40,6 +42,24 @@ __all__ = [
     "status_condition",
 ]
 
+#: What can go wrong with an attempt, in nginx's words (`proxy_next_upstream`,
+#: `proxy_cache_use_stale`): errors, timeouts, invalid responses and these statuses.
+FAILURE_CONDITIONS = frozenset(
+    {
+        "error",
+        "timeout",
+        "invalid_header",
+        "http_500",
+        "http_502",
+        "http_503",
+        "http_504",
+        "http_403",
+        "http_404",
+        "http_429",
+    }
+)
+#: nginx `proxy_next_upstream` conditions; the default is nginx's.
+NEXT_UPSTREAM = FAILURE_CONDITIONS | {"non_idempotent", "off"}
 #: nginx: "non-idempotent methods (POST, LOCK, PATCH)".
 NON_IDEMPOTENT = frozenset({"POST", "LOCK", "PATCH"})
 #: Statuses that move on to the next server without counting against it (nginx).

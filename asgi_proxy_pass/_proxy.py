@@ -14,7 +14,7 @@ import httpx2
 
 from ._cache import Cache, CacheConfig
 from ._errors import BadRequest, ConfigError, NotFound
-from ._failover import Budget
+from ._failover import NEXT_UPSTREAM, Budget
 from ._headers import Headers, HeaderValue, Redirects, TrustedProxies, request_headers
 from ._http import handle_http
 from ._tls import CertTypes, VerifyTypes
@@ -36,23 +36,6 @@ __all__ = ["DEFAULT_TIMEOUT", "NEXT_UPSTREAM", "ProxyPass", "lifespan"]
 #: `proxy_read_timeout` / `proxy_send_timeout`; connecting gets 10 s (nginx: 60 s), and waiting
 #: for a free pooled connection as long.
 DEFAULT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0, pool=10.0)
-#: nginx `proxy_next_upstream` conditions; the default is nginx's.
-NEXT_UPSTREAM = frozenset(
-    {
-        "error",
-        "timeout",
-        "invalid_header",
-        "http_500",
-        "http_502",
-        "http_503",
-        "http_504",
-        "http_403",
-        "http_404",
-        "http_429",
-        "non_idempotent",
-        "off",
-    }
-)
 
 
 class ProxyPass:

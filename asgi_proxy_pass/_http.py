@@ -360,10 +360,8 @@ class Exchange:
         failure: UpstreamError | None = None
         while True:
             try:
-                server = pool.select(scope, tried)
+                server = await pool.choose(scope, tried)
             except UpstreamsBusy as exc:
-                if await pool.wait_for_slot():
-                    continue
                 logger.error("%s %s: %s; answered 503", method, scope["path"], exc)
                 await self.answer(exc)
                 return None

@@ -332,6 +332,20 @@ class Upstream:
                 server.in_flight = saved
         return NoLiveUpstreams("no live upstreams")
 
+    async def choose(self, scope: Scope, tried: Collection[Server] = ()) -> Server:
+        """`select()`, waiting in the queue while every server that could serve is busy.
+
+        Raises:
+            UpstreamsBusy: still busy when the queue is full or `queue_timeout` passed (503).
+            NoLiveUpstreams: no server can be chosen ("no live upstreams").
+        """
+        while True:
+            try:
+                return self.select(scope, tried)
+            except UpstreamsBusy:
+                if not await self.wait_for_slot():
+                    raise
+
     async def wait_for_slot(self) -> bool:
         """Wait in the queue until a busy server releases a request (nginx Plus `queue`).
 

@@ -256,10 +256,8 @@ async def handle_websocket(proxy: ProxyPass, scope: Scope, receive: Receive, sen
     failure: ClientError | UpstreamError | None = None
     while True:
         try:
-            server = pool.select(scope, tried)
+            server = await pool.choose(scope, tried)
         except UpstreamsBusy as exc:
-            if await pool.wait_for_slot():
-                continue
             await refuse(proxy, None, scope, send, exc)
             return
         except NoLiveUpstreams as exc:

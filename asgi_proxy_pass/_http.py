@@ -1,11 +1,13 @@
 """One HTTP exchange: stream `receive()` upstream, stream the response back, race the disconnect.
 
 The shape is starlette's `StreamingResponse`: the exchange runs beside a listener for
-`http.disconnect` (started once the request body has been read), and whichever finishes first
-ends the other. As in uvicorn's `RequestResponseCycle`, a failure before the response starts
-becomes an error response (400/413/502/503/504); after it, the client connection is aborted by
-returning without completing the response, so that a truncated body is never presented as
-complete.
+`http.disconnect`, and whichever finishes first ends the other. The listener is a task started
+only once the request body has been read and the exchange has run for `WATCH_AFTER` seconds: a
+small response is over before then, and costs no task.
+
+As in uvicorn's `RequestResponseCycle`, a failure before the response starts becomes an error
+response (400/413/502/503/504); after it, the client connection is aborted by returning without
+completing the response, so that a truncated body is never presented as complete.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["RequestBody", "handle_http", "send_error"]
 
 logger = logging.getLogger("asgi_proxy_pass")
+
+#: Seconds an exchange runs before a task starts listening for the client's disconnect.
+WATCH_AFTER = 0.05
 
 # Methods that carry no body when an HTTP/2 client sends no Content-Length.
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
@@ -222,9 +227,13 @@ async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Se
 
     body = RequestBody(receive, proxy.max_body_size, proxy.replay_buffer_size)
     exchange = Exchange(proxy, scope, send, target, framing, body)
-    # The disconnect listener is one task, started once the body has been read: no task group
-    # per request (docs/performance.md). On a disconnect it cancels this task.
-    body.on_finished = exchange.watch
+    if framing:
+        # Listen for a disconnect once the body has been read: `receive()` is the body's until
+        # then, and a disconnect during the body ends its reading anyway.
+        body.on_finished = exchange.watch_soon
+    else:
+        body.finished = True  # no framing, no body (RFC 9112 section 6.3): nothing to receive
+        exchange.watch_soon()
     try:
         await exchange.run()
         if exchange.disconnected:
@@ -270,15 +279,28 @@ class Exchange:
         self.complete = False
         self.disconnected = False
         self.task: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
-    def watch(self) -> None:
-        """Start listening for the client's disconnect: `receive()` has nothing else to give."""
+    def watch_soon(self) -> None:
+        """Listen for the client's disconnect if the exchange is still running `WATCH_AFTER`
+        seconds from now: `receive()` has nothing else to give.
+
+        Most responses are complete before then, and a timer costs far less than a task.
+        """
         self.task = task = asyncio.current_task()
         if task is not None:
-            self.watcher = task.get_loop().create_task(self.watch_disconnect())
+            self.timer = task.get_loop().call_later(WATCH_AFTER, self.watch)
+
+    def watch(self) -> None:
+        self.timer = None
+        if self.task is not None and not self.complete:
+            self.watcher = self.task.get_loop().create_task(self.watch_disconnect())
 
     def stop_watching(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None

@@ -53,11 +53,11 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
         httpx2.LocalProtocolError: CR, LF or NUL where they would split the head, a malformed
             `Content-Length`, or both framing headers (h11 refuses the same).
     """
-    lines = [method + b" " + target + b" HTTP/1.1"]
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     length: int | None = None
     chunked = False
     for name, value in headers:
-        lines.append(name + b": " + value)
+        parts += (name, b": ", value, b"\r\n")
         if len(name) in (14, 17):
             lower = name.lower()
             if lower == b"content-length":
@@ -66,16 +66,12 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
                 length = int(value)
             elif lower == b"transfer-encoding":
                 chunked = value.lower().endswith(b"chunked")
-    lines.append(b"\r\n")
-    head = b"\r\n".join(lines)
+    parts.append(b"\r\n")
+    head = b"".join(parts)
     # One line per header plus the request line and the blank one: any other CR or LF, or a NUL,
     # would let a value start a header or a request of its own (RFC 9112 section 2.2).
-    if (
-        head.count(b"\n") != len(lines)
-        or head.count(b"\r") != len(lines)
-        or b"\0" in head
-        or b" " in target
-    ):
+    lines = len(headers) + 2
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head or b" " in target:
         raise httpx2.LocalProtocolError("a request-target or header contains CR, LF, NUL or space")
     if chunked and length is not None:
         raise httpx2.LocalProtocolError("both Content-Length and Transfer-Encoding")
@@ -104,7 +100,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.framing: list[bytes] = []
+        self.framing: list[tuple[bytes, bytes]] = []
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -113,6 +109,9 @@ class Connection(asyncio.Protocol):
         self.buffered = 0
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self.reading_paused = False
         self.writing_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -161,6 +160,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if exc is not None and self.error is None and not self.complete:
             self.error = httpx2.ReadError(str(exc) or type(exc).__name__)
         if not self.complete:
@@ -187,9 +189,9 @@ class Connection(asyncio.Protocol):
         self.reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
+        name = name.lower()  # as h11 gives them, whichever engine runs
         if name == b"content-length" or name == b"transfer-encoding":
-            self.framing.append(name)
+            self.framing.append((name, value))
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -200,8 +202,9 @@ class Connection(asyncio.Protocol):
                 self.headers = []  # an interim response: the real one follows
                 self.framing = []
             return
-        if b"transfer-encoding" in self.framing:
-            codings = b",".join(v for n, v in self.headers if n == b"transfer-encoding")
+        coded = [value for name, value in self.framing if name == b"transfer-encoding"]
+        if coded:
+            codings = b",".join(coded)
             if codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
                 # The length would be unknowable (RFC 9112 section 6.3); h11 refuses it too.
                 raise httpx2.RemoteProtocolError(
@@ -353,6 +356,9 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Close at once (an abort: nothing more is owed to the upstream)."""
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -362,13 +368,33 @@ class Connection(asyncio.Protocol):
         """Until the next parser event, or `ReadTimeout` after `seconds`."""
         waiter = self.waiter = self.loop.create_future()
         if seconds is None:
-            await waiter
-            return
-        timer = self.loop.call_later(seconds, _expire, waiter, httpx2.ReadTimeout)
+            self.deadline = None
+        else:
+            # One timer per connection, moved on lazily: it is rarely due, and a timer per wait
+            # would be made and cancelled twice per request.
+            self.deadline = deadline = self.loop.time() + seconds
+            if self.timer is None or self.timer_at > deadline:
+                self.set_timer(deadline)
         try:
             await waiter
         finally:
-            timer.cancel()
+            self.waiter = None
+
+    def set_timer(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_at(when, self.expire)
+
+    def expire(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.deadline is None:
+            return  # not waiting: the next wait sets a timer
+        if self.loop.time() < self.deadline:
+            self.set_timer(self.deadline)
+        else:
+            waiter.set_exception(httpx2.ReadTimeout("timed out"))
 
     def wake(self) -> None:
         waiter = self.waiter

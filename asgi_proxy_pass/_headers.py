@@ -115,11 +115,18 @@ class TrustedProxies:
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """The header names listed in `Connection` (RFC 9110 section 7.6.1), lowercased."""
+    """The header names listed in `Connection` (RFC 9110 section 7.6.1), lowercased.
+
+    Hop-by-hop names (`keep-alive`, `upgrade`) are left out: they are dropped anyway, and most
+    messages then have no name left to filter.
+    """
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    if tokens:
+        tokens.difference_update(HOP_BY_HOP)
+        tokens.discard(b"")
     return tokens
 
 

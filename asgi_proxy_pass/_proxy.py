@@ -295,7 +295,7 @@ class ProxyPass:
         prefix, strip = self.route(scope)
         return request_headers(
             scope,
-            host=server.host_header.encode("ascii"),
+            host=server.host_header_bytes,
             preserve_host=self.preserve_host,
             trusted=self.trusted_proxies,
             prefix=prefix if strip else None,

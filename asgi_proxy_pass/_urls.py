@@ -17,6 +17,7 @@ decide whether a request stays inside its mount (RFC 3986 section 5.2.4).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -71,13 +72,18 @@ class UpstreamURL:
     host_header: str
     origin: str
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
         """The address for log lines: `host:port` or `unix:/path`."""
         if self.uds is not None:
             return f"unix:{self.uds}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @functools.cached_property
+    def host_header_bytes(self) -> bytes:
+        """`host_header`, encoded for the wire."""
+        return self.host_header.encode("ascii")
 
     def httpx_url(self) -> str:
         """The URL handed to the HTTP client: scheme, host and port only.

@@ -2,8 +2,8 @@
 
 The shape is starlette's `StreamingResponse`: the exchange runs beside a listener for
 `http.disconnect`, and whichever finishes first ends the other. The listener is a task started
-only once the request body has been read and the exchange has run for `WATCH_AFTER` seconds: a
-small response is over before then, and costs no task.
+only once the request body has been read and the exchange has run for another `WATCH_AFTER`
+seconds or two: a small response is over before then, and costs no task.
 
 As in uvicorn's `RequestResponseCycle`, a failure before the response starts becomes an error
 response (400/413/502/503/504); after it, the client connection is aborted by returning without
@@ -42,11 +42,12 @@ from ._upstream import NoLiveUpstreams, Server, UpstreamsBusy
 if TYPE_CHECKING:
     from ._proxy import ProxyPass
 
-__all__ = ["RequestBody", "handle_http", "send_error"]
+__all__ = ["RequestBody", "SlowExchanges", "handle_http", "send_error"]
 
 logger = logging.getLogger("asgi_proxy_pass")
 
-#: Seconds an exchange runs before a task starts listening for the client's disconnect.
+#: An exchange that runs for one to two times this many seconds gets a task listening for the
+#: client's disconnect.
 WATCH_AFTER = 0.05
 
 # Methods that carry no body when an HTTP/2 client sends no Content-Length.
@@ -253,6 +254,44 @@ async def handle_http(proxy: ProxyPass, scope: Scope, receive: Receive, send: Se
         )
 
 
+class SlowExchanges:
+    """One proxy's exchanges that still run a tick or two after they started: those get a
+    disconnect listener (`Exchange.watch`). A tick is `WATCH_AFTER` seconds.
+
+    One timer serves them all, and runs only while there are any: a timer (or a listener task)
+    per request would cost more than a whole small exchange does.
+    """
+
+    __slots__ = ("loop", "old", "timer", "young")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.young: set[Exchange] = set()
+        self.old: set[Exchange] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, exchange: Exchange, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self.loop:
+            # The first exchange, or another event loop (the last one's timer died with it).
+            self.loop, self.young, self.old, self.timer = loop, set(), set(), None
+        self.young.add(exchange)
+        if self.timer is None:
+            self.timer = loop.call_later(WATCH_AFTER, self.tick)
+
+    def discard(self, exchange: Exchange) -> None:
+        self.young.discard(exchange)
+        self.old.discard(exchange)
+
+    def tick(self) -> None:
+        due, self.old, self.young = self.old, self.young, set()
+        for exchange in due:
+            exchange.watch()
+        if self.old and self.loop is not None:
+            self.timer = self.loop.call_later(WATCH_AFTER, self.tick)
+        else:
+            self.timer = None
+
+
 class Exchange:
     """One forwarded request: `run()` and `watch_disconnect()` run side by side.
 
@@ -279,28 +318,22 @@ class Exchange:
         self.complete = False
         self.disconnected = False
         self.task: asyncio.Task[Any] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
     def watch_soon(self) -> None:
-        """Listen for the client's disconnect if the exchange is still running `WATCH_AFTER`
-        seconds from now: `receive()` has nothing else to give.
-
-        Most responses are complete before then, and a timer costs far less than a task.
-        """
+        """Listen for the client's disconnect if the exchange is still running a tick or two
+        from now (`SlowExchanges`): `receive()` has nothing else to give."""
         self.task = task = asyncio.current_task()
         if task is not None:
-            self.timer = task.get_loop().call_later(WATCH_AFTER, self.watch)
+            self.proxy._slow_exchanges.add(self, task.get_loop())
 
     def watch(self) -> None:
-        self.timer = None
-        if self.task is not None and not self.complete:
+        """Start the disconnect listener."""
+        if self.task is not None and self.watcher is None and not self.complete:
             self.watcher = self.task.get_loop().create_task(self.watch_disconnect())
 
     def stop_watching(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.proxy._slow_exchanges.discard(self)
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
@@ -353,7 +386,7 @@ class Exchange:
                 self.scope["method"].encode("ascii"),
                 self.target,
                 proxy.upstream_headers(self.scope, url) + self.framing,
-                self.body,
+                self.body if self.framing else None,
                 proxy._timeout_extension,
             )
         # The pool's own httpx2 transport reads only the `target` extension: no URL to build.
@@ -503,6 +536,7 @@ class Exchange:
                     if engine is not None and engine.at_end:
                         self.complete = True
                         await self.send({"type": "http.response.body", "body": chunk})
+                        break
                     else:
                         await self.send(
                             {"type": "http.response.body", "body": chunk, "more_body": True}

@@ -16,7 +16,7 @@ from ._cache import Cache, CacheConfig
 from ._errors import BadRequest, ConfigError, NotFound
 from ._failover import NEXT_UPSTREAM, Budget
 from ._headers import Headers, HeaderValue, Redirects, TrustedProxies, request_headers
-from ._http import handle_http
+from ._http import SlowExchanges, handle_http
 from ._tls import CertTypes, VerifyTypes
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import DEFAULT_LIMITS, Server, Upstream
@@ -153,6 +153,7 @@ class ProxyPass:
         else:
             raise ConfigError(f"upstream: expected a URL string or an Upstream, got {upstream!r}")
         self._started = False
+        self._slow_exchanges = SlowExchanges()
         if not (strip_prefix is None or isinstance(strip_prefix, (bool, str))):
             raise ConfigError(f"strip_prefix: expected bool, str or None, got {strip_prefix!r}")
         if isinstance(strip_prefix, str) and not strip_prefix.startswith("/"):

@@ -137,6 +137,8 @@ class ResponseStream(httpx2.AsyncByteStream):
         connection = self.connection
         if connection is None:
             raise StopAsyncIteration
+        if connection.chunks:
+            return connection.take()  # no coroutine to make for bytes already here
         data = await connection.receive_body(self.timeout)
         if data:
             return data
@@ -189,16 +191,16 @@ class H1Transport(httpx2.AsyncBaseTransport):
         method: bytes,
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes] | None,
         timeouts: Timeouts,
     ) -> UpstreamResponse:
         """Send one request and return once the response head has arrived.
 
         `target` is sent byte for byte, `headers` exactly as given and in order; the body is
-        framed as the headers say (`Content-Length`, chunked, or none).
+        framed as the headers say (`Content-Length`, chunked, or none: then `body` may be None).
         """
         head, length, chunked = request_head(method, target, headers)
-        connection = await self.acquire(origin, timeouts)
+        connection = self.take_idle(origin) or await self.acquire(origin, timeouts)
         read = timeouts.get("read")
         try:
             await connection.exchange(
@@ -263,22 +265,29 @@ class H1Transport(httpx2.AsyncBaseTransport):
 
     # The pool
 
+    def take_idle(self, origin: Origin) -> Connection | None:
+        """The most recently used idle connection to `origin` still open and fresh, if any."""
+        idle = self.idle.get(origin)
+        if idle:
+            now = idle[-1].loop.time()  # not get_running_loop(): it makes a syscall
+            while idle:
+                connection = idle.pop()
+                self.idle_count -= 1
+                connection.idle = False
+                if connection.closed or (
+                    self.expiry is not None and now - connection.idle_since > self.expiry
+                ):
+                    self.discard(connection)
+                    continue
+                return connection
+        return None
+
     async def acquire(self, origin: Origin, timeouts: Timeouts) -> Connection:
         """An idle connection to `origin`, or a new one once the limits allow it."""
         while True:
-            idle = self.idle.get(origin)
-            if idle:
-                now = idle[-1].loop.time()  # not get_running_loop(): it makes a syscall
-                while idle:
-                    connection = idle.pop()
-                    self.idle_count -= 1
-                    connection.idle = False
-                    if connection.closed or (
-                        self.expiry is not None and now - connection.idle_since > self.expiry
-                    ):
-                        self.discard(connection)
-                        continue
-                    return connection
+            connection = self.take_idle(origin)
+            if connection is not None:
+                return connection
             limit = self.max_connections
             if limit is None or len(self.connections) + self.opening < limit:
                 break

@@ -246,7 +246,7 @@ class Connection(asyncio.Protocol):
     async def exchange(
         self,
         head: bytes,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes] | None,
         length: int | None,
         chunked: bool,
         *,
@@ -256,8 +256,8 @@ class Connection(asyncio.Protocol):
     ) -> None:
         """Send one request and wait until the final response's head has arrived.
 
-        The body is always iterated to its end, even when the framing says there is none: the
-        caller's stream may need to see the end of its input.
+        A `body` is always iterated to its end, even when the framing says there is none: the
+        caller's stream may need to see the end of its input. None is no body at all.
         """
         self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
@@ -267,7 +267,12 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         try:
-            await self.send_body(transport, head, body, length, chunked, write_timeout)
+            if body is None:
+                if length or chunked:
+                    raise httpx2.LocalProtocolError("framing headers for a request without body")
+                transport.write(head)
+            else:
+                await self.send_body(transport, head, body, length, chunked, write_timeout)
         except httpx2.WriteError:
             # The upstream may have answered early (a 413) and closed: that answer stands.
             if not self.head_done:
@@ -324,19 +329,23 @@ class Connection(asyncio.Protocol):
         """The next piece of the response body; b"" once it is complete."""
         while True:
             if self.chunks:
-                chunks = self.chunks
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.chunks = []
-                self.buffered = 0
-                if self.reading_paused and self.transport is not None:
-                    self.reading_paused = False
-                    self.transport.resume_reading()
-                return data
+                return self.take()
             if self.complete:
                 return b""
             if self.error is not None:
                 raise self.error
             await self.wait(read_timeout)
+
+    def take(self) -> bytes:
+        """The body bytes received so far (`chunks` is not empty), at once."""
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
 
     @property
     def reusable(self) -> bool:

@@ -122,7 +122,7 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     if tokens:
         tokens.difference_update(HOP_BY_HOP)

@@ -10,22 +10,14 @@
     websocket.disconnect / close  <->  close code and reason, mapped where RFC 6455 forbids them
 
 The client is accepted only once the upstream has accepted, so a client is never accepted and
-then dropped because the upstream was down. Each pump awaits every send, so a slow reader on one
-side slows the other side's reads (websockets' `max_queue` and the ASGI server's own flow control
-bound what is in flight); there is no queue of our own. Whichever pump ends first decides how
-both connections close and cancels the other.
+then dropped because the upstream was down. The rest is in three modules, one concept each:
 
-Close codes 1005 (no status), 1006 (abnormal closure) and 1015 (TLS failure) describe a close;
-they are never sent in a Close frame (RFC 6455 section 7.4.1). They are mapped:
-
-    observed                          sent to the client       sent to the upstream
-    1005 no status                    1000 ""                  1000 ""
-    1006 / 1015 / no close frame      1011 ""                  1001 ""
-    the proxy hit websocket_max_size  1009 "message too big"   1009 "message too big"
-    upstream keepalive or protocol
-      failure (we closed it)          1011 ""                  (the code websockets sent)
-    websocket_idle_timeout            1001 "idle timeout"      1001 "idle timeout"
-    any other code                    unchanged, with its reason
+    _ws_upstream   UpstreamConnection: websockets' asyncio client (handshake, TLS, unix
+                   sockets, subprotocols, permessage-deflate, keepalive, closing handshake)
+                   with a relay's receive and send paths: whole messages to one reader,
+                   flow-controlled both ways; its framing for the common case is `_ws_frames`
+    _ws_relay      Relay: the two pumps, until one side closes or the idle timeout
+    _ws_close      the pure rules mapping each side's close code and reason to the other's
 """
 
 from __future__ import annotations
@@ -35,14 +27,13 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.datastructures import Headers as WSHeaders
 from websockets.exceptions import (
-    ConnectionClosed,
     InvalidHandshake,
     InvalidStatus,
     InvalidURI,
@@ -65,6 +56,9 @@ from ._headers import Headers, response_headers
 from ._types import Receive, Scope, Send
 from ._upstream import NoLiveUpstreams, Server, UpstreamsBusy
 from ._urls import UpstreamURL
+from ._ws_close import client_close, upstream_close, wire_close
+from ._ws_relay import Relay
+from ._ws_upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from ._proxy import ProxyPass
@@ -76,22 +70,14 @@ __all__ = [
     "handshake_uri",
     "open_upstream",
     "upstream_close",
+    "wire_close",
 ]
 
 logger = logging.getLogger("asgi_proxy_pass")
 
 HANDSHAKE_PREFIX = b"sec-websocket-"
-# RFC 6455 section 7.4.1: reported, never sent. Observed code -> code sent on, per direction.
-TO_CLIENT = {1005: 1000, 1006: 1011, 1015: 1011}
-TO_UPSTREAM = {1005: 1000, 1006: 1001, 1015: 1001}
-# Codes a Close frame may carry (RFC 6455 section 7.4.1 and the IANA registry).
-WIRE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
-
 # RFC 3986 section 3.2: host (an IP literal or a reg-name) and port; no userinfo, no path.
 AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::[0-9]{1,5})?")
-
-TOO_BIG = (1009, "message too big")
-IDLE = (1001, "idle timeout")
 
 
 def raw_headers(headers: WSHeaders) -> Headers:
@@ -177,7 +163,7 @@ def handshake_uri(server: UpstreamURL, host: bytes, target: bytes) -> str:
     return uri
 
 
-async def open_upstream(proxy: ProxyPass, server: UpstreamURL, scope: Scope) -> ClientConnection:
+async def open_upstream(proxy: ProxyPass, server: UpstreamURL, scope: Scope) -> UpstreamConnection:
     """Open the WebSocket to `server` for this scope: connect and complete the handshake.
 
     Raises:
@@ -199,8 +185,9 @@ async def open_upstream(proxy: ProxyPass, server: UpstreamURL, scope: Scope) -> 
     if context is not None:
         options.update(ssl=context, server_hostname=server.host)
     with map_handshake_errors():
-        return await _Connect(
+        upstream = await _Connect(
             uri,
+            create_connection=UpstreamConnection,
             subprotocols=list(scope.get("subprotocols") or ()) or None,
             compression=proxy.websocket_compression,
             additional_headers=extra,
@@ -212,32 +199,8 @@ async def open_upstream(proxy: ProxyPass, server: UpstreamURL, scope: Scope) -> 
             max_size=proxy.websocket_max_size,
             **options,
         )
-
-
-def wire_close(code: int, reason: str, table: dict[int, int]) -> tuple[int, str]:
-    """A close code and reason that may be sent on, given the table for that direction."""
-    if code in table:
-        return table[code], ""
-    if code in WIRE_CODES or 3000 <= code < 5000:
-        return code, reason
-    return 1011, ""
-
-
-def upstream_close(exc: ConnectionClosed) -> tuple[tuple[int, str], str | None]:
-    """How the upstream connection ended -> the close for the client, and a failure to log."""
-    rcvd, sent = exc.rcvd, exc.sent
-    if rcvd is not None and (sent is None or exc.rcvd_then_sent):
-        return wire_close(rcvd.code, rcvd.reason, TO_CLIENT), None
-    if sent is not None and sent.code == 1009:
-        return TOO_BIG, f"sent a message larger than websocket_max_size ({sent.reason})"
-    if sent is not None:
-        return (1011, ""), f"failed: {sent.code} {sent.reason}".rstrip()
-    return (1011, ""), "closed the connection without a close frame"
-
-
-def client_close(message: Mapping[str, Any]) -> tuple[int, str]:
-    """A `websocket.disconnect` message -> the close for the upstream."""
-    return wire_close(message.get("code", 1005), message.get("reason") or "", TO_UPSTREAM)
+    assert isinstance(upstream, UpstreamConnection)
+    return upstream
 
 
 async def handle_websocket(proxy: ProxyPass, scope: Scope, receive: Receive, send: Send) -> None:
@@ -323,7 +286,9 @@ async def open_and_relay(
             await upstream.close(1001)
         return None
     try:
-        await Relay(proxy, server, scope, receive, send, upstream).run()
+        await Relay(proxy, server, scope, receive, send, upstream).run(
+            accept_message(proxy, scope, upstream)
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await upstream.close(1011)  # a no-op unless something unexpected ended the relay
@@ -334,7 +299,7 @@ class Opening:
     """The upstream handshake, raced against the client leaving."""
 
     def __init__(self) -> None:
-        self.upstream: ClientConnection | None = None
+        self.upstream: UpstreamConnection | None = None
         self.failure: ClientError | UpstreamError | None = None
         self.disconnected = False
 
@@ -418,137 +383,11 @@ def client_headers(proxy: ProxyPass, scope: Scope, headers: Headers) -> Headers:
     ]
 
 
-class Relay:
-    """One accepted WebSocket: `run()` pumps messages both ways until one side closes."""
-
-    def __init__(
-        self,
-        proxy: ProxyPass,
-        server: UpstreamURL,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        upstream: ClientConnection,
-    ) -> None:
-        self.proxy = proxy
-        self.server = server
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self.upstream = upstream
-        # Both pumps run inside these: `idle` expires when no message crossed for
-        # websocket_idle_timeout, `pumps` is cancelled by whichever side ends first, after
-        # setting `ending`: the close to send the client and the upstream (None: it is closed).
-        self.idle = anyio.CancelScope()
-        self.pumps = anyio.CancelScope()
-        self.ending: tuple[tuple[int, str] | None, tuple[int, str] | None] | None = None
-
-    async def run(self) -> None:
-        upstream = self.upstream
-        response = raw_headers(upstream.response.headers) if upstream.response else []
-        accept = {
-            "type": "websocket.accept",
-            "subprotocol": upstream.subprotocol,
-            "headers": client_headers(self.proxy, self.scope, response),
-        }
-        if not await self.send_client(accept):
-            self.ending = (None, (1001, ""))
-        else:
-            self.touch()
-            with self.idle, self.pumps:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(self.upstream_to_client)
-                    tasks.start_soon(self.client_to_upstream)
-            if self.ending is None and self.idle.cancelled_caught:
-                self.log(
-                    logging.INFO,
-                    "no message for websocket_idle_timeout (%gs); closed both sides with 1001",
-                    self.proxy.websocket_idle_timeout,
-                )
-                self.ending = (IDLE, IDLE)
-        to_client, to_upstream = self.ending or (None, None)
-        if to_client is not None:
-            code, reason = to_client
-            await self.send_client({"type": "websocket.close", "code": code, "reason": reason})
-        if to_upstream is not None:
-            await upstream.close(*to_upstream)
-
-    def touch(self) -> None:
-        """A message crossed: push the idle deadline back."""
-        if self.proxy.websocket_idle_timeout is not None:
-            self.idle.deadline = anyio.current_time() + self.proxy.websocket_idle_timeout
-
-    def end(self, to_client: tuple[int, str] | None, to_upstream: tuple[int, str] | None) -> None:
-        if self.ending is None:
-            self.ending = (to_client, to_upstream)
-        self.pumps.cancel()
-
-    async def send_client(self, message: dict[str, Any]) -> bool:
-        """Send to the client; False if it is gone.
-
-        An ASGI server raises an OSError subclass once the client is gone; uvicorn raises a
-        RuntimeError for a send that races its own close (keepalive timeout, oversized
-        message), which means the same.
-        """
-        try:
-            await self.send(message)
-        except (OSError, RuntimeError):
-            return False
-        return True
-
-    async def upstream_to_client(self) -> None:
-        try:
-            while True:
-                data = await self.upstream.recv()
-                self.touch()
-                key = "text" if isinstance(data, str) else "bytes"
-                if not await self.send_client({"type": "websocket.send", key: data}):
-                    self.end(None, (1001, ""))
-                    return
-        except ConnectionClosed as exc:
-            to_client, failure = upstream_close(exc)
-            if failure is not None:
-                level = logging.WARNING if to_client == TOO_BIG else logging.ERROR
-                self.log(level, "the upstream %s; closed the client with %d", failure, to_client[0])
-            self.end(to_client, None)
-
-    async def client_to_upstream(self) -> None:
-        max_size = self.proxy.websocket_max_size
-        while True:
-            message = await self.receive()
-            if message["type"] == "websocket.disconnect":
-                self.end(None, client_close(message))
-                return
-            if message["type"] != "websocket.receive":
-                continue
-            text: str | None = message.get("text")
-            data: str | bytes = (message.get("bytes") or b"") if text is None else text
-            if max_size is not None and _size(data) > max_size:
-                self.log(
-                    logging.WARNING,
-                    "the client sent a message larger than websocket_max_size (%d bytes); "
-                    "closed both sides with 1009",
-                    max_size,
-                )
-                self.end(TOO_BIG, TOO_BIG)
-                return
-            self.touch()
-            try:
-                await self.upstream.send(data)
-            except ConnectionClosed:
-                return  # upstream_to_client sees the same close and decides
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        logger.log(
-            level,
-            "WebSocket %s (upstream %s): " + message,
-            self.scope["path"],
-            self.server.address,
-            *args,
-        )
-
-
-def _size(data: str | bytes) -> int:
-    if isinstance(data, bytes) or data.isascii():
-        return len(data)
-    return len(data.encode("utf-8"))
+def accept_message(proxy: ProxyPass, scope: Scope, upstream: UpstreamConnection) -> dict[str, Any]:
+    """The `websocket.accept` for the client: the upstream's subprotocol and end-to-end headers."""
+    response = raw_headers(upstream.response.headers) if upstream.response else []
+    return {
+        "type": "websocket.accept",
+        "subprotocol": upstream.subprotocol,
+        "headers": client_headers(proxy, scope, response),
+    }

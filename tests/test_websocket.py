@@ -3,6 +3,7 @@ upstream, all on 127.0.0.1; plus table tests for the pure handshake and close-co
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -20,9 +21,18 @@ from starlette.routing import Mount
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
-from websockets.frames import Close
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
-from ws_servers import describe, echo, header_values, silent_server, ws_upstream
+from websockets.streams import StreamReader
+from ws_servers import (
+    describe,
+    echo,
+    header_values,
+    raw_frame,
+    scripted_upstream,
+    silent_server,
+    ws_upstream,
+)
 
 from asgi_proxy_pass import BadRequest, ProxyPass
 from asgi_proxy_pass import Upstream as PoolOf
@@ -35,6 +45,8 @@ from asgi_proxy_pass._websocket import (
     upstream_close,
     wire_close,
 )
+from asgi_proxy_pass._ws_frames import MaskingKeys, client_frame, frame_bounds
+from asgi_proxy_pass._ws_upstream import UpstreamConnection
 
 
 @asynccontextmanager
@@ -63,12 +75,15 @@ async def closed_by_peer(ws: ClientConnection) -> Close:
 # Messages
 
 
-async def test_echo_text_binary_and_empty_messages() -> None:
-    async with ws_upstream() as up, front(ProxyPass(up.url)) as url:
-        async with open_ws(url + "/chat") as ws:
-            for message in ["hello", b"\x00\xff\x80", "", b"", "ü€😀"]:
-                await ws.send(message)
-                assert await ws.recv() == message  # str stays str, bytes stay bytes
+@pytest.mark.parametrize("compression", ["deflate", None])
+async def test_echo_text_binary_and_empty_messages(compression: str | None) -> None:
+    # Compressed, websockets frames each message; uncompressed, the upstream connection does.
+    async with ws_upstream() as up:
+        async with front(ProxyPass(up.url, websocket_compression=compression)) as url:
+            async with open_ws(url + "/chat") as ws:
+                for message in ["hello", b"\x00\xff\x80", "", b"", "ü€😀"]:
+                    await ws.send(message)
+                    assert await ws.recv() == message  # str stays str, bytes stay bytes
         assert up.requests[0].path == "/chat"
 
 
@@ -255,6 +270,29 @@ async def test_client_abort_closes_the_upstream_within_a_second() -> None:
             ws.transport.abort()
             code, _ = await up.next_close(seconds=1.0)
     assert code == 1000  # uvicorn reports a lost client as 1005 (no status), sent on as 1000
+
+
+async def test_client_leaving_a_backed_up_relay_closes_the_upstream_promptly() -> None:
+    backed_up = asyncio.Event()
+
+    async def flood(ws: ServerConnection) -> None:
+        while True:
+            sending = asyncio.ensure_future(ws.send(b"f" * 65536))
+            await asyncio.sleep(0)  # one event loop for all three: let the others run
+            if not sending.done():  # waiting for the proxy, which stopped reading
+                backed_up.set()
+            await sending
+
+    async with ws_upstream(flood) as up:
+        async with front(ProxyPass(up.url, websocket_compression=None)) as url:
+            async with open_ws(url, compression=None, max_queue=1) as ws:
+                with anyio.fail_after(10):
+                    await backed_up.wait()
+                ws.transport.abort()
+                # Reading again, the proxy gets the upstream's Close frame behind the backlog,
+                # rather than waiting for it for close_timeout (10 s).
+                code, _ = await up.next_close(seconds=3.0)
+    assert code == 1000
 
 
 async def test_idle_timeout_closes_both_sides_with_1001(caplog: pytest.LogCaptureFixture) -> None:
@@ -564,3 +602,189 @@ async def test_refused_handshake_moves_on_only_when_listed() -> None:
                     pass  # pragma: no cover
         assert info.value.response.status_code == 503
         await pool.aclose()
+
+
+# The upstream connection: frames cut anywhere, bad frames, flow control, its own framing
+
+SCRIPT = [
+    raw_frame(Opcode.BINARY, bytes(range(200))),  # a 16-bit length
+    raw_frame(Opcode.PING, b"p1"),
+    raw_frame(Opcode.TEXT, b"frag", fin=False),
+    raw_frame(Opcode.CONT, b"m\xc3", fin=False),  # "é" cut between two fragments
+    raw_frame(Opcode.PING, b"p2"),
+    raw_frame(Opcode.CONT, b"\xa9nted"),
+    raw_frame(Opcode.TEXT, "ü€😀".encode()),
+    raw_frame(Opcode.TEXT, b""),
+    raw_frame(Opcode.BINARY, b""),
+    raw_frame(Opcode.CLOSE, Close(4001, "bye").serialize()),
+]
+
+
+@pytest.mark.parametrize("piece", [1, 3, 10_000])
+async def test_upstream_frames_cut_anywhere_arrive_whole_and_in_order(piece: int) -> None:
+    # The first frame shares a read with the 101; the others arrive `piece` bytes at a time.
+    first = raw_frame(Opcode.TEXT, b"first")
+    async with scripted_upstream(first, b"".join(SCRIPT), piece) as up:
+        async with front(ProxyPass(up.url)) as url, open_ws(url) as ws:
+            received = [await ws.recv() for _ in range(6)]
+            close = await closed_by_peer(ws)
+    assert received == ["first", bytes(range(200)), "fragménted", "ü€😀", "", b""]
+    assert (close.code, close.reason) == (4001, "bye")
+    pongs = [bytes(frame.data) for frame in up.frames if frame.opcode is Opcode.PONG]
+    assert pongs == [b"p1", b"p2"]
+    assert up.close_code() == 4001
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (raw_frame(Opcode.TEXT, b"ok \xff"), 1007),  # invalid UTF-8
+        (raw_frame(Opcode.TEXT, b"\xc3", fin=False) + raw_frame(Opcode.CONT, b"("), 1007),
+        (Frame(Opcode.TEXT, b"masked").serialize(mask=True), 1002),  # RFC 6455 section 5.1
+        (b"\xc1\x01x", 1002),  # RSV1, with no extension negotiated
+        (raw_frame(Opcode.CONT, b"x"), 1002),  # no message to continue
+    ],
+)
+async def test_bad_upstream_frame_fails_it_and_closes_the_client_with_1011(
+    frame: bytes, code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with scripted_upstream(frame) as up:
+        async with front(ProxyPass(up.url)) as url, open_ws(url) as ws:
+            assert (await closed_by_peer(ws)).code == 1011
+    assert up.close_code() == code
+    assert f"failed: {code}" in caplog.text
+
+
+class Watched(UpstreamConnection):
+    """An upstream connection that tells when it stops reading, and when its writes back up."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped_reading = asyncio.Event()
+        self.stopped_writing = asyncio.Event()
+
+    def deliver(self, data: bytes | bytearray | memoryview, text: bool) -> None:
+        super().deliver(data, text)
+        if self.reading_paused:
+            self.stopped_reading.set()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stopped_writing.set()
+
+
+async def watched(url: str, **options: Any) -> Watched:
+    # No permessage-deflate: the repeated bytes of the tests' messages would shrink to nothing.
+    upstream = await connect(
+        url.replace("http", "ws", 1),
+        create_connection=Watched,
+        compression=None,
+        proxy=None,
+        **options,
+    )
+    assert isinstance(upstream, Watched)
+    return upstream
+
+
+async def test_upstream_connection_stops_reading_at_max_queue() -> None:
+    big = b"m" * 65536
+
+    async def flood(ws: ServerConnection) -> None:
+        for n in range(100):
+            await ws.send(n.to_bytes(2, "big") + big)
+        await ws.wait_closed()
+
+    async with ws_upstream(flood) as up:
+        upstream = await watched(up.url, max_queue=4)
+        with anyio.fail_after(10):
+            await upstream.stopped_reading.wait()
+        assert len(upstream.messages) < 100  # the rest waits in the sockets
+        received = [await upstream.next_message() for _ in range(100)]
+        assert not upstream.reading_paused
+        await upstream.close()
+    assert received == [n.to_bytes(2, "big") + big for n in range(100)]
+
+
+async def test_upstream_connection_answers_pings_and_sends_nothing_once_closed() -> None:
+    async with ws_upstream() as up:
+        upstream = await watched(up.url)
+        with anyio.fail_after(5):
+            assert await (await upstream.ping()) >= 0  # the pong came back through process_event
+        await upstream.close()
+        assert await upstream.send_message("late") is False
+
+
+async def test_upstream_connection_send_waits_for_a_full_write_buffer() -> None:
+    release = anyio.Event()
+    big = b"s" * 1024 * 1024
+    got: list[bytes] = []
+
+    async def slow(ws: ServerConnection) -> None:
+        await release.wait()
+        for _ in range(64):
+            got.append(await ws.recv(decode=False))
+
+    async with ws_upstream(slow, max_size=None) as up:
+        upstream = await watched(up.url)
+        sent: list[int] = []
+
+        async def sender() -> None:
+            for n in range(64):
+                assert await upstream.send_message(n.to_bytes(1, "big") + big)
+                sent.append(n)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sender)
+            with anyio.fail_after(10):
+                await upstream.stopped_writing.wait()
+            assert len(sent) < 64  # the sender waits in drain()
+            release.set()
+        await upstream.close()
+    assert [message[0] for message in got] == list(range(64))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_client_frame_is_what_websockets_parses(size: int, opcode: Opcode) -> None:
+    payload = bytes(n % 251 for n in range(size))
+    key = MaskingKeys().next()
+    reader = StreamReader()
+    reader.feed_data(client_frame(opcode, payload, key))
+    parser = Frame.parse(reader.read_exact, mask=True)
+    with pytest.raises(StopIteration) as done:
+        next(parser)
+    frame = done.value.value
+    assert (frame.opcode, frame.fin, bytes(frame.data)) == (opcode, True, payload)
+    assert not reader.buffer
+
+
+@pytest.mark.parametrize(
+    ("data", "bounds"),
+    [
+        (b"", None),
+        (b"\x81", None),
+        (b"\x81\x05hello", (1, 2, 7)),
+        (b"\x82\x05hel", (2, 2, 7)),  # the payload may still be on its way
+        (b"\x82\x7e\x01", None),
+        (b"\x82\x7e\x01\x00", (2, 4, 260)),
+        (b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00", None),
+        (b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00", (2, 10, 65546)),
+        (b"\x01\x05hello", (0, 2, 7)),  # not final
+        (b"\xc1\x05hello", (0, 2, 7)),  # RSV1: compressed
+        (b"\x89\x02hi", (0, 2, 4)),  # ping
+        (b"\x80\x02hi", (0, 2, 4)),  # continuation
+        (b"\x81\x82abcdhi", (0, 6, 8)),  # masked
+    ],
+)
+def test_frame_bounds(data: bytes, bounds: tuple[int, int, int] | None) -> None:
+    assert frame_bounds(data, 0) == bounds
+    assert frame_bounds(b"xyz" + data, 3) == (
+        None if bounds is None else (bounds[0], bounds[1] + 3, bounds[2] + 3)
+    )
+
+
+def test_masking_keys_are_drawn_in_batches_and_not_repeated() -> None:
+    keys = MaskingKeys(batch=2)
+    drawn = [keys.next() for _ in range(5)]
+    assert all(len(key) == 4 for key in drawn)
+    assert len(set(drawn)) == 5

@@ -2,7 +2,7 @@
 
 `Upstream` wraps a handler and records, for each connection, the handshake request it received
 and how the connection closed as this side saw it, so a test can wait for the close with an
-event instead of sleeping.
+event instead of sleeping. `Scripted` writes raw frames, cut where a test wants them cut.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve, unix_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -114,5 +116,61 @@ async def silent_server() -> AsyncIterator[Silent]:
     finally:
         for writer in silent.writers:
             writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+class Scripted:
+    """A raw-frame upstream: it answers the handshake with 101 and `first` in one write, then
+    writes `rest` `piece` bytes at a time, a loop iteration apart, so that the proxy reads frames
+    cut anywhere. It records the frames it receives until a Close frame, then closes."""
+
+    def __init__(self, first: bytes, rest: bytes, piece: int) -> None:
+        self.first, self.rest, self.piece = first, rest, piece
+        self.frames: list[Frame] = []
+        self.url = ""
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol = ServerProtocol()
+        events: list[Any] = []
+        while not events:
+            protocol.receive_data(await reader.read(65536))
+            events = protocol.events_received()
+        protocol.send_response(protocol.accept(events[0]))
+        writer.write(b"".join(protocol.data_to_send()) + self.first)
+        for start in range(0, len(self.rest), self.piece):
+            writer.write(self.rest[start : start + self.piece])
+            await writer.drain()
+            await asyncio.sleep(0)
+        while data := await reader.read(65536):
+            protocol.receive_data(data)
+            self.frames.extend(protocol.events_received())
+            if any(frame.opcode is Opcode.CLOSE for frame in self.frames):
+                break
+        writer.close()
+
+    def close_code(self) -> int | None:
+        """The code of the Close frame received, if any."""
+        for frame in self.frames:
+            if frame.opcode is Opcode.CLOSE:
+                return Close.parse(frame.data).code
+        return None
+
+
+def raw_frame(opcode: Opcode, data: bytes, *, fin: bool = True) -> bytes:
+    """A server's frame, as bytes (unmasked, as RFC 6455 section 5.1 wants)."""
+    return Frame(opcode, data, fin).serialize(mask=False)
+
+
+@asynccontextmanager
+async def scripted_upstream(
+    first: bytes, rest: bytes = b"", piece: int = 1
+) -> AsyncIterator[Scripted]:
+    scripted = Scripted(first, rest, piece)
+    server = await asyncio.start_server(scripted, "127.0.0.1", 0)
+    scripted.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield scripted
+    finally:
         server.close()
         await server.wait_closed()

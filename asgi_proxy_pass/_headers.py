@@ -123,11 +123,19 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    if tokens:
-        tokens.difference_update(HOP_BY_HOP)
-        tokens.discard(b"")
+            add_tokens(tokens, value)
     return tokens
+
+
+def add_tokens(tokens: set[bytes], value: bytes) -> None:
+    """Add the names one `Connection` value lists to `tokens`, as `connection_tokens()` does."""
+    value = value.lower()
+    if value in HOP_BY_HOP or value == b"close":
+        return  # the common values, one token each
+    for token in value.split(b","):
+        token = token.strip()
+        if token and token not in HOP_BY_HOP:
+            tokens.add(token)
 
 
 def request_headers(
@@ -281,7 +289,7 @@ def response_headers(
     # One pass over the raw pairs; the names a `Connection` header lists are dropped after it,
     # since it may come last.
     out: Headers = []
-    tokens: set[bytes] | None = None
+    tokens: set[bytes] = set()
     framing = 0
     for name, value in headers:
         name = name.lower()
@@ -289,7 +297,7 @@ def response_headers(
             if name == b"transfer-encoding":
                 framing |= 2
             elif name == b"connection":
-                tokens = connection_tokens([(name, value)]) | (tokens or set())
+                add_tokens(tokens, value)
             continue
         if name == b"content-length":
             framing |= 1

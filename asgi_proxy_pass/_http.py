@@ -319,6 +319,7 @@ class Exchange:
         self.disconnected = False
         self.task: asyncio.Task[Any] | None = None
         self.watcher: asyncio.Task[None] | None = None
+        self._client_base: bytes | None = None
 
     def watch_soon(self) -> None:
         """Listen for the client's disconnect if the exchange is still running a tick or two
@@ -505,21 +506,20 @@ class Exchange:
             reason,
         )
 
+    def client_base(self) -> bytes:
+        """The client-facing URL of the upstream path, for redirects (computed once, if asked)."""
+        if self._client_base is None:
+            self._client_base = self.proxy.client_base(self.scope)
+        return self._client_base
+
     async def relay(self, response: UpstreamResponse) -> None:
         stream = response.stream
         if not isinstance(stream, httpx2.AsyncByteStream):
             raise UpstreamError(f"the transport returned a {type(stream).__name__}, not async")
-        base: list[bytes] = []
-
-        def client_base() -> bytes:
-            if not base:
-                base.append(self.proxy.client_base(self.scope))
-            return base[0]
-
         headers = response_headers(
             response.headers,
             redirects=self.proxy.redirects,
-            client_base=client_base,
+            client_base=self.client_base,
             extra=self.proxy.response_headers,
             scope=self.scope,
         )

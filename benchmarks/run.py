@@ -272,7 +272,11 @@ def table(results: dict[str, dict[str, float]]) -> str:
             cells.append("" if value is None else fmt(value))
         for ref in refs:
             ours, theirs = results["ours"].get(key), results[ref].get(key)
-            cells.append(f"{ours / theirs:.2f}x" if ours is not None and theirs else "")
+            # A ratio to a figure that prints as 0.0 (nginx's RSS growth) would mean nothing.
+            if ours is not None and theirs is not None and abs(theirs) >= 0.05:
+                cells.append(f"{ours / theirs:.2f}x")
+            else:
+                cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

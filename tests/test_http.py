@@ -573,3 +573,44 @@ async def test_error_answer_is_not_logged_as_a_client_disconnect(
         release.set()
     assert response.status_code == 504
     assert "499" not in caplog.text
+
+
+class _Late:
+    """Stands in for an `Exchange`: counts the disconnect listeners it is asked to start."""
+
+    def __init__(self) -> None:
+        self.watched = 0
+
+    def watch(self) -> None:
+        self.watched += 1
+
+
+async def test_slow_exchanges_get_a_listener_after_one_to_two_ticks() -> None:
+    from asgi_proxy_pass._http import WATCH_AFTER, SlowExchanges
+
+    slow = SlowExchanges()
+    loop = asyncio.get_running_loop()
+    quick, late, later = _Late(), _Late(), _Late()
+    slow.add(quick, loop)  # type: ignore[arg-type]
+    slow.add(late, loop)  # type: ignore[arg-type]
+    assert slow.timer is not None
+    slow.timer.cancel()  # the ticks by hand, then the timer's own
+    slow.discard(quick)  # over before the first tick
+    slow.tick()
+    slow.add(later, loop)  # type: ignore[arg-type]
+    assert (quick.watched, late.watched, later.watched) == (0, 0, 0)  # one tick: still young
+    slow.tick()
+    assert (quick.watched, late.watched, later.watched) == (0, 1, 0)
+    assert slow.timer is not None  # `later` is left
+    await asyncio.sleep(WATCH_AFTER * 4)
+    assert (quick.watched, late.watched, later.watched) == (0, 1, 1)
+    assert slow.timer is None  # nothing left: the timer stops
+
+    # Another event loop (the first one's timer died with it) starts afresh.
+    other = asyncio.new_event_loop()
+    try:
+        slow.add(_Late(), other)  # type: ignore[arg-type]
+        assert slow.loop is other and len(slow.young) == 1 and slow.timer is not None
+        slow.timer.cancel()
+    finally:
+        other.close()

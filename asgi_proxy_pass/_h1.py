@@ -71,7 +71,12 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
     # One line per header plus the request line and the blank one: any other CR or LF, or a NUL,
     # would let a value start a header or a request of its own (RFC 9112 section 2.2).
     lines = len(headers) + 2
-    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head or b" " in target:
+    if (
+        head.count(b"\n") != lines
+        or head.count(b"\r") != lines
+        or head.find(b"\0") >= 0  # not `in`: see `_urls.map_target`
+        or target.find(b" ") >= 0
+    ):
         raise httpx2.LocalProtocolError("a request-target or header contains CR, LF, NUL or space")
     if chunked and length is not None:
         raise httpx2.LocalProtocolError("both Content-Length and Transfer-Encoding")

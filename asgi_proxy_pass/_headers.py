@@ -71,6 +71,8 @@ logger = logging.getLogger("asgi_proxy_pass")
 # every name with an underscore; we drop these always, from trusted peers too.
 FORWARDING_ALIASES = frozenset(name.replace(b"-", b"_") for name in FORWARDING) - FORWARDING
 REDIRECT_HEADERS = frozenset({b"location", b"content-location", b"refresh"})
+# Request headers dropped whoever sends them: one set look-up per header.
+_NEVER_FORWARDED = REQUEST_DROPPED | FORWARDING_ALIASES
 
 
 class TrustedProxies:
@@ -177,7 +179,7 @@ def request_headers(
         if name == b"host":
             client_host = value
             continue
-        if name in REQUEST_DROPPED or name in tokens or name in FORWARDING_ALIASES:
+        if name in _NEVER_FORWARDED or (tokens and name in tokens):
             continue
         if name in FORWARDING:
             if not trust:

@@ -307,6 +307,19 @@ async def test_idle_timeout_closes_both_sides_with_1001(caplog: pytest.LogCaptur
     assert "websocket_idle_timeout" in caplog.text
 
 
+async def test_messages_either_way_keep_an_idle_timeout_away() -> None:
+    async with ws_upstream() as up, front(ProxyPass(up.url, websocket_idle_timeout=0.4)) as url:
+        async with open_ws(url) as ws:
+            for i in range(8):  # 0.8 s in all, twice the timeout, never 0.4 s without a message
+                await ws.send(str(i))
+                assert await ws.recv() == str(i)
+                await asyncio.sleep(0.1)
+            await ws.send("still open")
+            assert await ws.recv() == "still open"
+            close = await closed_by_peer(ws)
+            assert (close.code, close.reason) == (1001, "idle timeout")
+
+
 # Refusals: before the client is accepted
 
 

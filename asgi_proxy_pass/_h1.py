@@ -32,6 +32,8 @@ from typing import Any, cast
 import httptools
 import httpx2
 
+from ._deadline import Deadline
+
 __all__ = ["READ_HIGH_WATER", "Connection", "request_head"]
 
 #: Response body bytes buffered before reading from the upstream pauses.
@@ -114,9 +116,7 @@ class Connection(asyncio.Protocol):
         self.buffered = 0
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.deadline: float | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
+        self.read_deadline = Deadline(self.loop, self.read_timed_out)
         self.reading_paused = False
         self.writing_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -165,9 +165,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.read_deadline.cancel()
         if exc is not None and self.error is None and not self.complete:
             self.error = httpx2.ReadError(str(exc) or type(exc).__name__)
         if not self.complete:
@@ -370,9 +368,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Close at once (an abort: nothing more is owed to the upstream)."""
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.read_deadline.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -381,33 +377,17 @@ class Connection(asyncio.Protocol):
     async def wait(self, seconds: float | None) -> None:
         """Until the next parser event, or `ReadTimeout` after `seconds`."""
         waiter = self.waiter = self.loop.create_future()
-        if seconds is None:
-            self.deadline = None
-        else:
-            # One timer per connection, moved on lazily: it is rarely due, and a timer per wait
-            # would be made and cancelled twice per request.
-            self.deadline = deadline = self.loop.time() + seconds
-            if self.timer is None or self.timer_at > deadline:
-                self.set_timer(deadline)
+        if seconds is not None:
+            self.read_deadline.set(seconds)
         try:
             await waiter
         finally:
             self.waiter = None
+            self.read_deadline.clear()
 
-    def set_timer(self, when: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_at = when
-        self.timer = self.loop.call_at(when, self.expire)
-
-    def expire(self) -> None:
-        self.timer = None
+    def read_timed_out(self) -> None:
         waiter = self.waiter
-        if waiter is None or waiter.done() or self.deadline is None:
-            return  # not waiting: the next wait sets a timer
-        if self.loop.time() < self.deadline:
-            self.set_timer(self.deadline)
-        else:
+        if waiter is not None and not waiter.done():
             waiter.set_exception(httpx2.ReadTimeout("timed out"))
 
     def wake(self) -> None:

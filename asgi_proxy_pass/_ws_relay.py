@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from websockets.exceptions import ConnectionClosed
 
+from ._deadline import Deadline
 from ._types import Receive, Scope, Send
 from ._urls import UpstreamURL
 from ._ws_close import IDLE, TOO_BIG, client_close, upstream_close
@@ -54,9 +55,8 @@ class Relay:
         # websocket_idle_timeout, `pumps` by whichever side ends first, after setting
         # `ending`: the close to send the client and the upstream (None: it is closed).
         self.idle = anyio.CancelScope()
-        self.loop: asyncio.AbstractEventLoop | None = None  # set with an idle timeout
-        self.last_message = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # With websocket_idle_timeout: cancels `idle` (one timer, not one per message).
+        self.idle_deadline: Deadline | None = None
         self.pumps = anyio.CancelScope()
         self.ending: tuple[tuple[int, str] | None, tuple[int, str] | None] | None = None
 
@@ -66,19 +66,17 @@ class Relay:
         if not await self.send_client(accept):
             self.ending = (None, (1001, ""))
         else:
-            timeout = self.proxy.websocket_idle_timeout
-            if timeout is not None:
-                self.loop = asyncio.get_running_loop()
+            if self.proxy.websocket_idle_timeout is not None:
+                self.idle_deadline = Deadline(asyncio.get_running_loop(), self.idle.cancel)
                 self.touch()
-                self.idle_timer = self.loop.call_at(self.last_message + timeout, self.check_idle)
             try:
                 with self.idle, self.pumps:
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(self.upstream_to_client)
                         tasks.start_soon(self.client_to_upstream)
             finally:
-                if self.idle_timer is not None:
-                    self.idle_timer.cancel()
+                if self.idle_deadline is not None:
+                    self.idle_deadline.cancel()
             if self.ending is None and self.idle.cancelled_caught:
                 self.log(
                     logging.INFO,
@@ -94,23 +92,10 @@ class Relay:
             await upstream.close(*to_upstream)
 
     def touch(self) -> None:
-        """A message crossed: the idle deadline moves on (lazily: see `check_idle`)."""
-        if self.loop is not None:
-            self.last_message = self.loop.time()
-
-    def check_idle(self) -> None:
-        """The idle timer is due: cancel both pumps if no message crossed since, else wait on.
-
-        One timer, moved on only when it fires: moving a deadline on every message (a cancel
-        scope's) costs a timer made and cancelled per message.
-        """
-        assert self.loop is not None and self.proxy.websocket_idle_timeout is not None
-        due = self.last_message + self.proxy.websocket_idle_timeout
-        if self.loop.time() >= due:
-            self.idle_timer = None
-            self.idle.cancel()
-        else:
-            self.idle_timer = self.loop.call_at(due, self.check_idle)
+        """A message crossed: push the idle deadline back."""
+        if self.idle_deadline is not None:
+            assert self.proxy.websocket_idle_timeout is not None
+            self.idle_deadline.set(self.proxy.websocket_idle_timeout)
 
     def end(self, to_client: tuple[int, str] | None, to_upstream: tuple[int, str] | None) -> None:
         if self.ending is None:

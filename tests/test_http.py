@@ -614,3 +614,25 @@ async def test_slow_exchanges_get_a_listener_after_one_to_two_ticks() -> None:
         slow.timer.cancel()
     finally:
         other.close()
+
+
+async def test_a_deadline_pushed_back_expires_once_after_the_last_push() -> None:
+    from asgi_proxy_pass._deadline import Deadline
+
+    expired: list[float] = []
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop, lambda: expired.append(loop.time()))
+    start = loop.time()
+    for _ in range(4):  # pushed back every 0.05 s: due 0.5 s after the last push, at 0.65 s
+        deadline.set(0.5)
+        await asyncio.sleep(0.05)
+    assert expired == []
+    await asyncio.sleep(0.6)
+    assert len(expired) == 1 and expired[0] - start >= 0.65
+    deadline.set(0.05)
+    deadline.clear()  # nothing expires until the next set()
+    await asyncio.sleep(0.1)
+    assert len(expired) == 1
+    deadline.set(10)
+    deadline.cancel()
+    assert deadline.handle is None

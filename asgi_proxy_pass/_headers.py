@@ -132,8 +132,8 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 def add_tokens(tokens: set[bytes], value: bytes) -> None:
     """Add the names one `Connection` value lists to `tokens`, as `connection_tokens()` does."""
     value = value.lower()
-    if value in HOP_BY_HOP or value == b"close":
-        return  # the common values, one token each
+    if value in HOP_BY_HOP:
+        return  # `keep-alive`, `upgrade`: the common values, one token dropped anyway
     for token in value.split(b","):
         token = token.strip()
         if token and token not in HOP_BY_HOP:

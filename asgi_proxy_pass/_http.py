@@ -198,7 +198,7 @@ class Exchange:
 
     def watch(self) -> None:
         """Start the disconnect listener."""
-        if self.task is not None and self.watcher is None and not self.complete:
+        if self.task is not None and not self.complete:
             self.watcher = self.task.get_loop().create_task(self.watch_disconnect())
 
     def stop_watching(self) -> None:

@@ -7,9 +7,13 @@ server may be chosen; `failed()` is nginx's rule for a server taken out by passi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from ._errors import ConfigError
 from ._urls import UpstreamURL, parse_upstream
+
+if TYPE_CHECKING:
+    from ._upstream import Upstream
 
 __all__ = ["Server", "check_weight", "failed"]
 
@@ -89,7 +93,7 @@ class Server:
         self._accessed = -math.inf
         self._passes = 0
         self._check_fails = 0
-        self._owner: object | None = None  # the `Upstream` it belongs to
+        self._owner: Upstream | None = None
 
     def __repr__(self) -> str:
         options = "".join(

@@ -56,22 +56,13 @@ from ._headers import Headers, response_headers
 from ._types import Receive, Scope, Send
 from ._upstream import NoLiveUpstreams, Server, UpstreamsBusy
 from ._urls import UpstreamURL
-from ._ws_close import client_close, upstream_close, wire_close
 from ._ws_relay import Relay
 from ._ws_upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from ._proxy import ProxyPass
 
-__all__ = [
-    "client_close",
-    "handle_websocket",
-    "handshake_headers",
-    "handshake_uri",
-    "open_upstream",
-    "upstream_close",
-    "wire_close",
-]
+__all__ = ["handle_websocket", "handshake_headers", "handshake_uri", "open_upstream"]
 
 logger = logging.getLogger("asgi_proxy_pass")
 

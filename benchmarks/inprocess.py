@@ -84,7 +84,7 @@ def upstream() -> Iterator[int]:
         process.wait(5)
 
 
-async def one_request(app: Any, port: int) -> None:
+async def one_request(app: Any) -> None:
     """One GET through `app`, with `receive` and `send` as uvicorn behaves."""
     done = asyncio.Event()
     received = False
@@ -126,7 +126,7 @@ async def run(port: int, requests: int, connections: int, rounds: int) -> list[f
     results = []
     async with ProxyPass(f"http://127.0.0.1:{port}/") as app:
         for _ in range(200):
-            await one_request(app, port)
+            await one_request(app)
         for _ in range(rounds):
             left = requests
 
@@ -134,7 +134,7 @@ async def run(port: int, requests: int, connections: int, rounds: int) -> list[f
                 nonlocal left
                 while left > 0:
                     left -= 1
-                    await one_request(app, port)
+                    await one_request(app)
 
             started = time.process_time()
             await asyncio.gather(*(worker() for _ in range(connections)))

@@ -38,13 +38,8 @@ from asgi_proxy_pass import BadRequest, ProxyPass
 from asgi_proxy_pass import Upstream as PoolOf
 from asgi_proxy_pass._types import ASGIApp, Receive, Scope, Send
 from asgi_proxy_pass._urls import parse_upstream
-from asgi_proxy_pass._websocket import (
-    client_close,
-    handshake_headers,
-    handshake_uri,
-    upstream_close,
-    wire_close,
-)
+from asgi_proxy_pass._websocket import handshake_headers, handshake_uri
+from asgi_proxy_pass._ws_close import client_close, upstream_close, wire_close
 from asgi_proxy_pass._ws_frames import MaskingKeys, client_frame, frame_bounds
 from asgi_proxy_pass._ws_upstream import UpstreamConnection
 
